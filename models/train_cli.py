@@ -1,0 +1,131 @@
+"""CLI for training, teacher distillation and anomalib import (logic lives in the modules)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from models.backbones import BACKBONES
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image-size must be N or HxW, got {text!r}") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise argparse.ArgumentTypeError(f"--image-size must be N or HxW, got {text!r}")
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add ``train``, ``distill`` and ``import-anomalib``."""
+    tr = subparsers.add_parser(
+        "train",
+        help="train an EfficientAD model on normal images (paper recipe by default)",
+        description="Train on DIR (MVTec category or folder layout; only normal images are used), "
+        "calibrate quantiles and threshold on held-out normal images, write a model directory.",
+    )
+    tr.add_argument("--data", type=Path, required=True, help="dataset root (MVTec category or folder)")
+    tr.add_argument("--out", type=Path, required=True, help="model directory to write")
+    tr.add_argument("--model-size", choices=["s", "m"], default="s")
+    tr.add_argument("--steps", type=int, default=70_000, help="training steps (paper: 70000)")
+    tr.add_argument("--teacher", default="auto",
+                    help="auto | official | shipped | random | FILE (.pth anomalib/nelson1425 "
+                    "keys, .safetensors, or a model directory)")
+    tr.add_argument("--penalty-images", type=Path, help="ImageNet-like folder for the penalty loss")
+    tr.add_argument("--seed", type=int, default=42)
+    tr.add_argument("--image-size", type=_image_size, default=(256, 256), help="N or HxW (>= 256)")
+    tr.add_argument("--validation-fraction", type=float, default=0.1)
+    tr.add_argument("--threshold-data", type=Path,
+                    help="labelled validation set (good + defects) for an F1-optimal threshold")
+    tr.add_argument("--threshold", type=float, help="fixed image threshold on the raw score")
+    tr.add_argument("--threshold-margin", type=float, default=1.2,
+                    help="without labelled data: threshold = margin x p99.5 of normal scores")
+    tr.add_argument("--padding", action="store_true", help="PDN padding (sees border defects)")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--amp", action="store_true", help="bf16 mixed precision on CUDA")
+    tr.add_argument("--checkpoint-every", type=int, default=1000)
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    di = subparsers.add_parser(
+        "distill",
+        help="pretrain a PDN teacher by distilling an ImageNet backbone",
+        description="Distil BACKBONE's stride-8/16 patch features (PatchCore aggregation, 384 ch) "
+        "into a PDN teacher; output is a safetensors teacher accepted by `train --teacher`.",
+    )
+    di.add_argument("--backbone", default="wide_resnet101_2", choices=sorted(BACKBONES))
+    di.add_argument("--backbone-weights", type=Path,
+                    help="local torchvision state dict (.pth/.safetensors); default: download")
+    di.add_argument("--images", type=Path, required=True, help="folder of ImageNet-like images")
+    di.add_argument("--size", choices=["s", "m"], default="s")
+    di.add_argument("--steps", type=int, default=60_000)
+    di.add_argument("--batch", type=int, default=16)
+    di.add_argument("--out", type=Path, required=True, help="teacher .safetensors to write")
+    di.add_argument("--stat-samples", type=int, default=10_000)
+    di.add_argument("--seed", type=int, default=42)
+    di.add_argument("--device", default="auto")
+    di.add_argument("--fp16", action="store_true", help="store the teacher in fp16")
+    di.add_argument("--max-minutes", type=float, help="stop (and save) after this wall time")
+    di.add_argument("--checkpoint-every", type=int, default=500)
+    di.add_argument("--resume", action="store_true")
+    di.set_defaults(func=cmd_distill)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.data import DataError
+    from models.teacher import TeacherError
+    from models.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=args.data, out=args.out, model_size=args.model_size, steps=args.steps,
+        teacher=args.teacher, penalty_images=args.penalty_images, seed=args.seed,
+        image_size=args.image_size, validation_fraction=args.validation_fraction,
+        threshold_data=args.threshold_data, threshold=args.threshold,
+        threshold_margin=args.threshold_margin, padding=args.padding, device=args.device,
+        amp=args.amp, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        progress=not args.no_progress,
+    )
+    try:
+        out = train(cfg)
+    except (DataError, TeacherError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    meta = json.loads((out / "model.json").read_text())
+    print(json.dumps({"model": str(out), "threshold": meta["threshold"],
+                      "threshold_method": meta["threshold_method"],
+                      "steps_per_second": meta["training"]["steps_per_second"],
+                      "teacher": meta["teacher"]["source"]}))
+    return EXIT_OK
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from models.backbones import BackboneError
+    from models.distill import DistillConfig, DistillError, distill
+
+    cfg = DistillConfig(
+        images=args.images, out=args.out, backbone=args.backbone,
+        backbone_weights=args.backbone_weights, size=args.size, steps=args.steps,
+        batch=args.batch, stat_samples=args.stat_samples, seed=args.seed, device=args.device,
+        out_dtype="fp16" if args.fp16 else "fp32", checkpoint_every=args.checkpoint_every,
+        resume=args.resume, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+    )
+    try:
+        path = distill(cfg)
+    except (DistillError, BackboneError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    print(json.dumps({"teacher": str(path)}))
+    return EXIT_OK

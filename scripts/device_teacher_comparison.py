@@ -1,0 +1,83 @@
+"""Accelerator job: EfficientAD-S with the shipped teacher vs a random teacher on every dataset.
+
+Same steps, seed and penalty images for both; writes results.json after every run so a partial
+run still reports. Run from the repo root on a CUDA machine:
+    PYTHONPATH=. python scripts/device_teacher_comparison.py --data .gpu2/data \
+        --penalty .gpu2/penalty --budget-seconds 330 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from models.data import discover_dataset
+from models.evaluate import evaluate
+from models.inference import InferenceEngine
+from models.train import TrainConfig, train
+
+DATASETS = ("hazelnut_toy", "battery_weld", "cookies", "mpdd_metal_plate")
+TEACHERS = ("shipped", "random")
+
+
+def run_one(data: Path, teacher: str, steps: int, penalty: Path, work: Path) -> dict:
+    t0 = time.time()
+    model_dir = train(TrainConfig(data=data, out=work / f"{data.name}-{teacher}", steps=steps,
+                                  teacher=teacher, penalty_images=penalty, seed=42,
+                                  progress=False, checkpoint_every=10**9))
+    meta = json.loads((model_dir / "model.json").read_text())
+    report = evaluate(InferenceEngine.load(model_dir), discover_dataset(data), batch_size=16)
+    m = report.overall
+    return {
+        "dataset": data.name, "teacher": teacher, "steps": steps,
+        "image_auroc": m.image_auroc, "image_f1": m.image_f1, "pixel_auroc": m.pixel_auroc,
+        "au_pro": m.au_pro,
+        "f1_at_threshold": m.at_model_threshold.f1 if m.at_model_threshold else None,
+        "train_steps_per_s": meta["training"]["steps_per_second"],
+        "seconds": round(time.time() - t0, 1),
+        "per_type": {k: {"image_auroc": v.image_auroc, "au_pro": v.au_pro}
+                     for k, v in report.per_type.items()},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--penalty", type=Path, required=True)
+    p.add_argument("--budget-seconds", type=float, default=330)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=0, help="0: fit the budget")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    warnings.simplefilter("ignore")
+    work = Path("/tmp/teacher-comparison")
+    results: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                     "torch": torch.__version__, "runs": []}
+    datasets = [args.data / name for name in DATASETS if (args.data / name).is_dir()]
+    steps = args.steps
+    if steps <= 0:
+        t0 = time.time()
+        probe = run_one(datasets[0], "shipped", 200, args.penalty, work / "probe")
+        overhead = time.time() - t0 - 200 / probe["train_steps_per_s"]
+        per_run = args.budget_seconds / (len(datasets) * len(TEACHERS)) - overhead
+        steps = int(max(300, min(8000, per_run * probe["train_steps_per_s"])) // 100 * 100)
+        results["probe"] = {**probe, "overhead_s": round(overhead, 1)}
+    results["steps"] = steps
+    print(json.dumps({"steps": steps, "probe": results.get("probe")}), flush=True)
+    for data in datasets:
+        for teacher in TEACHERS:
+            row = run_one(data, teacher, steps, args.penalty, work)
+            results["runs"].append(row)
+            (args.out / "results.json").write_text(json.dumps(results, indent=1))
+            print(json.dumps({k: row[k] for k in ("dataset", "teacher", "image_auroc", "au_pro",
+                                                   "image_f1", "seconds")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
