@@ -1,0 +1,481 @@
+"""``efficientad run``: the whole line on one box as supervised child processes.
+
+Children are separate ``python -m efficientad.cli <stage>`` processes rather than multiprocessing
+workers: each one is exactly what an operator would start by hand on another host (one code path to
+test), a crash in native code (FFmpeg, CUDA) takes down only that child, signals and exit codes work
+per process, and nothing (models, sockets, CUDA contexts) is pickled or inherited across a fork.
+
+- One capture process per camera, ``run.workers`` workers (consumer index 0..N-1 so each has its
+  own stable consumer name), one publisher.
+- A child that exits is restarted with exponential backoff (reset after ``stable_after_s`` of
+  uptime); exit code 0 of a replay capture means "source done" and exit code 2 means "bad
+  configuration", which stops the line instead of looping.
+- SIGINT/SIGTERM stop captures first, then workers (they finish and ack what they read), then the
+  publisher, then the embedded Redis. A second signal kills everything at once.
+- ``--until-drained``: once every capture has finished, wait until the worker and publisher groups
+  have read and acknowledged every entry, then stop.
+- Without a Redis URL an ``EmbeddedRedis`` is started first and its URL handed to the children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import redis
+import yaml
+
+from pipeline.config import LineConfig, RunSettings
+from pipeline.observability import PROCESS_NAME_ENV, PROCESS_RESTARTS, StatusEvent, emit_status
+from pipeline.redis_conn import EmbeddedRedis, connect, redact_url
+
+__all__ = [
+    "EXIT_CONFIG_ERROR",
+    "ChildSpec",
+    "Supervisor",
+    "child_command",
+    "line_specs",
+    "run_line",
+    "stream_drained",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG_ERROR = 2  # argparse's usage-error code; every stage exits with it on a bad config
+Role = Literal["capture", "worker", "publisher", "other"]
+_STOP_ORDER: tuple[Role, ...] = ("capture", "worker", "publisher", "other")
+
+
+def child_command(*args: str) -> list[str]:
+    """The argv of a CLI subcommand run with this interpreter (venvs and containers alike)."""
+    return [sys.executable, "-m", "efficientad.cli", *args]
+
+
+@dataclass
+class ChildSpec:
+    """One supervised process."""
+
+    name: str
+    argv: list[str]
+    role: Role = "other"
+    env: dict[str, str] = field(default_factory=dict)
+    finite: bool = False  # exit code 0 means "done" (replay capture), not "restart me"
+
+
+@dataclass
+class _Child:
+    spec: ChildSpec
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    delay: float = 0.0
+    next_start: float = 0.0
+    restarts: int = 0
+    done: bool = False  # finished for good (finite and exit 0, or given up)
+    last_code: int | None = None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs between fork and exec
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Supervisor:
+    """Starts, watches and restarts child processes; stops them in role order."""
+
+    def __init__(
+        self,
+        specs: Sequence[ChildSpec],
+        settings: RunSettings,
+        *,
+        on_event: Callable[[StatusEvent], None] | None = None,
+    ) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"child names must be unique: {names}")
+        self.settings = settings
+        self.children = [_Child(spec) for spec in specs]
+        self.on_event = on_event
+        self.fatal: str | None = None  # set when a child reported a configuration error
+
+    # ---------------------------------------------------------------- lifecycle of one child
+    def _spawn(self, child: _Child) -> None:
+        env = {**os.environ, PROCESS_NAME_ENV: child.spec.name, "PYTHONUNBUFFERED": "1"}
+        env.update(child.spec.env)
+        child.proc = subprocess.Popen(
+            child.spec.argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        child.started_at = time.monotonic()
+        log.info("started", extra={"child": child.spec.name, "pid": child.proc.pid})
+        self._event("process.started", child, "")
+
+    def _event(self, kind: str, child: _Child, reason: str) -> None:
+        if self.on_event is None:
+            return
+        with contextlib.suppress(Exception):
+            self.on_event(
+                StatusEvent(
+                    event=kind,  # type: ignore[arg-type]
+                    source="run",
+                    reason=reason,
+                    detail={
+                        "child": child.spec.name,
+                        "role": child.spec.role,
+                        "pid": child.proc.pid if child.proc else None,
+                        "restarts": child.restarts,
+                        "exit_code": child.last_code,
+                    },
+                )
+            )
+
+    def start(self) -> None:
+        for child in self.children:
+            self._spawn(child)
+
+    def poll(self, stopping: bool = False) -> None:
+        """Reap exited children and (unless ``stopping``) restart them when their delay is up."""
+        now = time.monotonic()
+        for child in self.children:
+            proc = child.proc
+            if proc is not None and proc.poll() is not None:
+                child.last_code = proc.returncode
+                child.proc = None
+                uptime = now - child.started_at
+                if child.spec.finite and proc.returncode == 0:
+                    child.done = True
+                    log.info("finished", extra={"child": child.spec.name})
+                    self._event("process.exited", child, "finished")
+                    continue
+                if stopping:
+                    continue
+                if proc.returncode == EXIT_CONFIG_ERROR:
+                    child.done = True
+                    self.fatal = (
+                        f"{child.spec.name} exited with code {EXIT_CONFIG_ERROR} "
+                        "(configuration error, see its log); not restarting"
+                    )
+                    log.error(self.fatal)
+                    self._event("process.exited", child, "configuration error")
+                    continue
+                if uptime >= self.settings.stable_after_s:
+                    child.delay = 0.0
+                child.delay = min(
+                    max(child.delay * 2, self.settings.restart_initial_s),
+                    self.settings.restart_max_s,
+                )
+                child.next_start = now + child.delay
+                log.warning(
+                    "exited, restarting",
+                    extra={
+                        "child": child.spec.name,
+                        "exit_code": proc.returncode,
+                        "uptime_s": round(uptime, 1),
+                        "restart_in_s": round(child.delay, 2),
+                    },
+                )
+                self._event("process.restarting", child, f"exit code {proc.returncode}")
+            if (
+                not stopping
+                and self.fatal is None
+                and child.proc is None
+                and not child.done
+                and now >= child.next_start
+            ):
+                child.restarts += 1
+                PROCESS_RESTARTS.labels(child.spec.name).inc()
+                self._spawn(child)
+
+    def finished(self, role: Role) -> bool:
+        """Every child of ``role`` exited for good (replay captures that reached their end)."""
+        return all(c.done for c in self.children if c.spec.role == role)
+
+    def running(self) -> list[str]:
+        return [c.spec.name for c in self.children if c.proc is not None]
+
+    def stop(self, roles: Sequence[Role] = _STOP_ORDER, timeout_s: float | None = None) -> None:
+        """SIGTERM the children of each role in turn; SIGKILL what outlives the grace period."""
+        grace = self.settings.stop_timeout_s if timeout_s is None else timeout_s
+        for role in roles:
+            group = [c for c in self.children if c.spec.role == role and c.proc is not None]
+            for child in group:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            deadline = time.monotonic() + grace
+            for child in group:
+                proc = child.proc
+                if proc is None:
+                    continue
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("did not stop in time, killing", extra={"child": child.spec.name})
+                    proc.kill()
+                    proc.wait()
+                child.last_code = proc.returncode
+                child.proc = None
+                child.done = True
+                self._event("process.stopped", child, f"exit code {proc.returncode}")
+
+    def kill_all(self) -> None:
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------
+# drain detection
+
+
+def stream_drained(client: redis.Redis, stream: str, group: str) -> bool:
+    """The group has read every entry of ``stream`` and acknowledged all of them.
+
+    Uses XINFO STREAM/GROUPS fields that exist since Redis 5 (last-generated-id vs the group's
+    last-delivered-id, pending count), so it also works on 6.2 where ``lag`` is missing.
+    A stream that does not exist has nothing to drain.
+    """
+    try:
+        info = client.xinfo_stream(stream)
+    except redis.ResponseError:
+        return True  # no such key
+    last = info.get("last-generated-id")
+    if info.get("length", 0) == 0 and last in (b"0-0", "0-0", None):
+        return True
+    for entry in client.xinfo_groups(stream):
+        name = entry.get("name")
+        name = name.decode() if isinstance(name, bytes) else name
+        if name == group:
+            return entry.get("last-delivered-id") == last and int(entry.get("pending", 0)) == 0
+    return False
+
+
+def _line_drained(client: redis.Redis, config: LineConfig, with_publisher: bool) -> bool:
+    keys = config.keys
+    for cam in config.camera_ids():
+        if not stream_drained(client, keys.frames(cam), config.worker.group):
+            return False
+        if with_publisher and not stream_drained(client, keys.results(cam), config.publisher.group):
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# the line
+
+
+def _effective_config_file(config: LineConfig, directory: Path) -> Path:
+    """The validated config as YAML (secrets included, mode 0600) for the children to load."""
+    data: dict[str, Any] = config.model_dump(mode="json")
+    if config.redis.password is not None:
+        data["redis"]["password"] = config.redis.password.get_secret_value()
+    path = directory / "line.yaml"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False)
+    return path
+
+
+def _cuda_visible() -> bool:
+    """Whether workers could use a GPU, without importing torch into the supervisor."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
+def line_specs(
+    config: LineConfig,
+    config_file: Path,
+    *,
+    workers: int,
+    publisher: bool = True,
+    extra_args: Sequence[str] = (),
+) -> list[ChildSpec]:
+    """Capture per camera, ``workers`` workers, the publisher; metrics ports base, base+1, ..."""
+    common = ["--config", str(config_file), *extra_args]
+    base = config.metrics.port
+    next_port = iter(range(base, base + 10_000))
+
+    def metrics_args() -> list[str]:
+        if not config.metrics.enabled:
+            return ["--no-metrics"]
+        return ["--metrics-port", str(next(next_port) if base else 0)]
+
+    specs: list[ChildSpec] = []
+    worker_env: dict[str, str] = {}
+    device = config.worker.device
+    on_cpu = device == "cpu" or (device == "auto" and not _cuda_visible())
+    if workers > 1 and on_cpu:
+        # N workers sharing the CPU cores: one intra-op thread pool each would oversubscribe them
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        worker_env = {
+            name: os.environ.get(name, threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        }
+    for cam in config.cameras:
+        specs.append(
+            ChildSpec(
+                name=f"capture-{cam.id}",
+                argv=child_command("capture", *common, "--camera", cam.id, *metrics_args()),
+                role="capture",
+                finite=not cam.is_realtime and not cam.loop,
+            )
+        )
+    for index in range(workers):
+        specs.append(
+            ChildSpec(
+                name=f"worker-{index}",
+                argv=child_command("worker", *common, "--index", str(index), *metrics_args()),
+                role="worker",
+                env=dict(worker_env),
+            )
+        )
+    if publisher:
+        specs.append(
+            ChildSpec(
+                name="publisher",
+                argv=child_command("publish", *common, *metrics_args()),
+                role="publisher",
+            )
+        )
+    return specs
+
+
+def run_line(
+    config: LineConfig,
+    *,
+    workers: int | None = None,
+    until_drained: bool = False,
+    stop_event: threading.Event | None = None,
+    install_signals: bool = True,
+    extra_args: Sequence[str] = (),
+) -> int:
+    """Run the whole line until a signal (or until drained); returns the process exit code."""
+    stop = stop_event or threading.Event()
+    settings = config.run
+    n_workers = workers if workers is not None else settings.workers
+    if not config.cameras:
+        log.error("no cameras configured: add a cameras: section (see configs/line.yaml)")
+        return EXIT_CONFIG_ERROR
+    signals_seen = 0
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        log.info("signal received, stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    if install_signals:
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    embedded: EmbeddedRedis | None = None
+    with tempfile.TemporaryDirectory(prefix="efficientad-run-") as tmp:
+        if config.redis.url is None:
+            embedded = EmbeddedRedis(
+                port=config.redis.embedded_port, data_dir=config.redis.embedded_dir
+            ).start()
+            config = config.model_copy(
+                update={"redis": config.redis.model_copy(update={"url": embedded.url})}
+            )
+            log.info("using embedded Redis", extra={"url": embedded.url})
+        try:
+            client = connect(config.redis, client_name="efficientad-run")
+        except Exception:
+            if embedded is not None:
+                embedded.cleanup()
+            raise
+        keys = config.keys
+        config_file = _effective_config_file(config, Path(tmp))
+        specs = line_specs(
+            config,
+            config_file,
+            workers=n_workers,
+            publisher=settings.publisher,
+            extra_args=extra_args,
+        )
+
+        def on_event(event: StatusEvent) -> None:
+            emit_status(client, keys, event)
+
+        endless = [s.name for s in specs if s.role == "capture" and not s.finite]
+        if until_drained and endless:
+            log.warning(
+                "--until-drained waits for captures that never finish (live or looping sources)",
+                extra={"captures": endless},
+            )
+        sup = Supervisor(specs, settings, on_event=on_event)
+        log.info(
+            "line starting",
+            extra={
+                "redis": redact_url(config.redis.url or ""),
+                "children": [s.name for s in specs],
+                "until_drained": until_drained,
+            },
+        )
+        code = 0
+        try:
+            sup.start()
+            code = _watch(sup, client, config, stop, until_drained, settings.publisher)
+        finally:
+            if signals_seen > 1:
+                sup.kill_all()
+            stopper = threading.Thread(target=sup.stop, name="stop-children", daemon=True)
+            stopper.start()
+            while stopper.is_alive():
+                stopper.join(0.2)
+                if signals_seen > 1:
+                    log.warning("second signal: killing children")
+                    sup.kill_all()
+            client.close()
+            if embedded is not None:
+                embedded.cleanup()
+        log.info("line stopped", extra={"exit_code": code})
+        return code
+
+
+def _watch(
+    sup: Supervisor,
+    client: redis.Redis,
+    config: LineConfig,
+    stop: threading.Event,
+    until_drained: bool,
+    with_publisher: bool,
+) -> int:
+    drain_started: float | None = None
+    drained_checks = 0
+    while not stop.wait(0.25):
+        sup.poll()
+        if sup.fatal is not None:
+            return EXIT_CONFIG_ERROR
+        if not until_drained or not sup.finished("capture"):
+            continue
+        if drain_started is None:
+            drain_started = time.monotonic()
+            log.info("all captures finished, waiting for workers and publisher to drain")
+        try:
+            drained = _line_drained(client, config, with_publisher)
+        except redis.RedisError as exc:
+            log.warning("drain check failed", extra={"error": str(exc)})
+            drained = False
+        drained_checks = drained_checks + 1 if drained else 0
+        if drained_checks >= 2:  # twice in a row, 250 ms apart: nothing in flight
+            log.info("line drained", extra={"s": round(time.monotonic() - drain_started, 2)})
+            return 0
+        if time.monotonic() - drain_started > config.run.drain_timeout_s:
+            log.error("line did not drain in time", extra={"timeout_s": config.run.drain_timeout_s})
+            return 1
+    return 0

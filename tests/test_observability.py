@@ -1,0 +1,157 @@
+"""Metrics and health endpoints over real HTTP, JSON logs, and status events through Redis."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+import redis
+
+from pipeline import observability as obs
+from pipeline.config import MetricsSettings
+from pipeline.redis_conn import EmbeddedRedis
+from pipeline.wire import StreamKeys
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@pytest.fixture
+def metrics_server():
+    state = {"ready": True}
+    server = obs.start_metrics_server(
+        MetricsSettings(host="127.0.0.1", port=0), lambda: state["ready"]
+    )
+    assert server is not None
+    yield server, state
+    server.close()
+
+
+def test_metrics_endpoint_exports_pipeline_series(metrics_server) -> None:
+    server, _ = metrics_server
+    cam = f"cam-{uuid.uuid4().hex[:6]}"
+    obs.FRAMES_CAPTURED.labels(cam).inc(3)
+    obs.FRAMES_DROPPED.labels(cam, "buffer_full").inc()
+    obs.BATCH_SIZE.labels("m1").observe(8)
+    obs.END_TO_END_LATENCY.labels(cam, "worker").observe(0.04)
+    obs.DEAD_LETTERS.labels(cam, "undecodable").inc(2)
+    obs.ALARMS.labels(cam, "started").inc()
+    status, body = get(server.url + "/metrics")
+    assert status == 200
+    assert f'efficientad_frames_captured_total{{camera="{cam}"}} 3.0' in body
+    assert f'efficientad_frames_dropped_total{{camera="{cam}",reason="buffer_full"}} 1.0' in body
+    assert 'efficientad_batch_size_bucket{le="8.0",model="m1"}' in body
+    assert f'efficientad_end_to_end_seconds_count{{camera="{cam}",stage="worker"}} 1.0' in body
+    assert f'efficientad_dead_letters_total{{camera="{cam}",reason="undecodable"}} 2.0' in body
+    assert f'efficientad_alarms_total{{camera="{cam}",event="started"}} 1.0' in body
+    assert "_created" not in body  # creation-time series are switched off
+
+
+def test_health_and_readiness(metrics_server) -> None:
+    server, state = metrics_server
+    assert get(server.url + "/healthz") == (200, "ok\n")
+    assert get(server.url + "/readyz") == (200, "ready\n")
+    state["ready"] = False
+    assert get(server.url + "/readyz")[0] == 503
+    assert get(server.url + "/healthz")[0] == 200  # alive even when not ready
+    assert get(server.url + "/nope")[0] == 404
+
+
+def test_failing_probe_is_not_ready_with_reason() -> None:
+    def probe() -> bool:
+        raise RuntimeError("model not loaded")
+
+    server = obs.start_metrics_server(MetricsSettings(host="127.0.0.1", port=0), probe)
+    assert server is not None
+    try:
+        status, body = get(server.url + "/readyz")
+        assert status == 503 and "model not loaded" in body
+    finally:
+        server.close()
+
+
+def test_disabled_metrics_serve_nothing() -> None:
+    assert obs.start_metrics_server(MetricsSettings(enabled=False)) is None
+
+
+def test_redis_readiness_follows_the_server() -> None:
+    server = EmbeddedRedis()
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=1, retry=None)
+        extra = {"ok": True}
+        check = obs.redis_ready_check(client, lambda: extra["ok"], cache_s=0)
+        assert check()
+        extra["ok"] = False
+        assert not check()
+        extra["ok"] = True
+        server.kill()
+        assert not check()
+        server.start()
+        assert check()
+    finally:
+        server.cleanup()
+
+
+def test_json_logs(capsys: pytest.CaptureFixture[str]) -> None:
+    obs.setup_logging("INFO", json_logs=True, process_name="worker-1")
+    try:
+        logging.getLogger("efficientad.test").info(
+            "batch done %d", 8, extra={"camera": "c1", "ms": 12.5}
+        )
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("efficientad.test").exception("failed")
+        logging.getLogger("efficientad.test").debug("hidden")
+    finally:
+        obs.setup_logging("WARNING")
+    lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    assert len(lines) == 2
+    first, second = lines
+    assert first["level"] == "INFO" and first["msg"] == "batch done 8"
+    assert first["logger"] == "efficientad.test" and first["proc"] == "worker-1"
+    assert first["camera"] == "c1" and first["ms"] == 12.5
+    assert first["ts"].endswith("+00:00")
+    assert second["level"] == "ERROR" and "ValueError: boom" in second["exc"]
+
+
+def test_text_logs_show_extras(capsys: pytest.CaptureFixture[str]) -> None:
+    obs.setup_logging("INFO", json_logs=False)
+    try:
+        logging.getLogger("efficientad.test").warning("camera offline", extra={"camera": "c9"})
+    finally:
+        obs.setup_logging("WARNING")
+    err = capsys.readouterr().err
+    assert "camera offline camera=c9" in err and "WARNING" in err
+
+
+def test_status_events_round_trip() -> None:
+    client = redis.Redis()
+    keys = StreamKeys(f"test-obs-{uuid.uuid4().hex[:8]}:")
+    try:
+        event = obs.StatusEvent(
+            event="camera.offline", source="capture", cam="c1", reason="no frame", detail={"n": 3}
+        )
+        obs.emit_status(client, keys, event)
+        [(_, fields)] = client.xrange(keys.status())
+        back = obs.StatusEvent.from_fields(fields)
+        assert back == event
+        assert back.detail == {"n": 3} and back.pid > 0 and back.host
+    finally:
+        client.delete(keys.status())
+
+
+def test_port_in_use_is_a_clear_error(metrics_server) -> None:
+    server, _ = metrics_server
+    with pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1:\d+.*--metrics-port"):
+        obs.start_metrics_server(MetricsSettings(host="127.0.0.1", port=server.port))
