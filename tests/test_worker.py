@@ -1,0 +1,428 @@
+"""Worker against a real Redis with a real (random-weight) EfficientAD engine.
+
+Every frame gets exactly one result, result + ack share one MULTI/EXEC, a restarted worker finishes
+its own pending frames, dead peers' frames are claimed, bad frames are dead-lettered with a reason,
+and SIGTERM finishes the in-flight batch in a real subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import redis
+import torch
+import yaml
+
+from models.checkpoint import save_checkpoint
+from models.inference import InferenceEngine, ModelInfo
+from models.networks import EfficientAD
+from pipeline.stage_settings import WorkerSettings
+from pipeline.wire import FrameMessage, ResultMessage, StreamKeys, encode_image, original_fields
+from worker.batching import BatchCollector
+from worker.decode import decode_frames
+from worker.service import FrameEntry, FrameWorker, _Outcome
+
+REPO = Path(__file__).resolve().parents[1]
+H, W = 48, 64
+
+
+def random_model() -> EfficientAD:
+    torch.manual_seed(0)
+    model = EfficientAD("s")
+    model.mean_std.std.fill_(1.0)
+    model.quantiles.qb_st.fill_(1.0)
+    model.quantiles.qb_ae.fill_(1.0)
+    return model.eval()
+
+
+def plain_frame() -> np.ndarray:
+    return np.full((H, W, 3), 120, np.uint8)
+
+
+def noisy_frame() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def calibration() -> dict:
+    """A threshold between a plain frame (normal) and a noise frame (anomalous) for this model."""
+    torch.set_num_threads(1)
+    info = ModelInfo("rand", "1", "ab" * 32, (256, 256), 1.0, 0.0, 1.0)
+    probe = InferenceEngine.from_model(random_model(), info, device="cpu")
+    rgb = [cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in (plain_frame(), noisy_frame())]
+    low, high = probe.predict_images(rgb).scores
+    assert high > 1.5 * low, "the probe frames must score apart"
+    threshold = float(np.sqrt(low * high))
+    return {"threshold": threshold, "score_min": float(low), "score_max": float(high)}
+
+
+@pytest.fixture(scope="module")
+def engine(calibration) -> InferenceEngine:
+    info = ModelInfo("rand", "1", "ab" * 32, (256, 256), **calibration)
+    return InferenceEngine.from_model(random_model(), info, device="cpu")
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    r = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=10)
+    try:
+        r.ping()
+    except redis.ConnectionError:
+        pytest.skip("needs a Redis server at 127.0.0.1:6379")
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def keys(client: redis.Redis) -> Iterator[StreamKeys]:
+    prefix = f"test-wk-{uuid.uuid4().hex[:8]}:"
+    yield StreamKeys(prefix)
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        client.delete(key)
+
+
+def settings(**kw) -> WorkerSettings:
+    base = {"batch_size": 4, "max_wait_ms": 200, "block_ms": 50, "claim_interval_s": 3600}
+    return WorkerSettings(**{**base, **kw})
+
+
+def add_frame(client, keys, stream_cam, seq, img=None, enc="jpeg", **override) -> str:
+    """XADD a frame to ``stream_cam``'s stream; ``override`` replaces wire fields (bad frames)."""
+    img = plain_frame() if img is None else img
+    msg = FrameMessage(
+        cam=stream_cam,
+        seq=seq,
+        ts_ns=time.time_ns(),
+        enc=enc,
+        w=W,
+        h=H,
+        c=3,
+        data=encode_image(img, enc),
+    )
+    fields = {**msg.to_fields(), **override}
+    return client.xadd(keys.frames(stream_cam), fields).decode()
+
+
+def results(client, keys, cam) -> list[ResultMessage]:
+    return [ResultMessage.from_fields(f) for _, f in client.xrange(keys.results(cam))]
+
+
+def deadletters(client, keys, cam) -> list[dict]:
+    return [{k.decode(): v for k, v in f.items()} for _, f in client.xrange(keys.deadletter(cam))]
+
+
+def pending(client, keys, cam, group="workers") -> int:
+    try:
+        return int(client.xpending(keys.frames(cam), group)["pending"])
+    except redis.ResponseError:  # the group does not exist (yet)
+        return 0
+
+
+# ------------------------------------------------------------------------------- unit pieces
+
+
+def test_batch_collector_releases_on_size_or_deadline():
+    now = [0.0]
+    c = BatchCollector[int](3, 0.5, clock=lambda: now[0])
+    assert c.time_left() is None and not c.ready()
+    c.add(1)
+    now[0] = 0.2
+    c.extend([2])
+    assert not c.ready() and c.time_left() == pytest.approx(0.3) and c.room == 1
+    now[0] = 0.5
+    assert c.ready() and c.take() == [1, 2] and len(c) == 0
+    c.extend([1, 2, 3, 4])
+    assert c.ready() and c.take() == [1, 2, 3] and c.take() == [4]
+
+
+def test_decode_isolates_bad_frames():
+    good = FrameMessage(
+        cam="a", seq=0, ts_ns=1, enc="png", w=W, h=H, c=3, data=encode_image(noisy_frame(), "png")
+    )
+    bad = good.model_copy(update={"enc": "jpeg", "data": b"\xff\xd8 definitely not a jpeg"})
+    wrong_size = good.model_copy(update={"w": W + 1})
+    out = decode_frames([good, bad, wrong_size], torch.device("cpu"))
+    assert isinstance(out[0], torch.Tensor) and out[0].shape == (3, H, W)
+    rgb = cv2.cvtColor(noisy_frame(), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(out[0].permute(1, 2, 0).numpy(), rgb)
+    assert "not a decodable jpeg" in str(out[1])
+    assert "declared" in str(out[2])
+
+
+# ------------------------------------------------------------------------------- integration
+
+
+def test_every_frame_gets_exactly_one_result_in_one_transaction(client, keys, engine):
+    cams = ["camA", "camB"]
+    ids = {
+        cam: [
+            add_frame(client, keys, cam, 0, plain_frame()),
+            add_frame(client, keys, cam, 1, noisy_frame(), enc="png"),
+        ]
+        for cam in cams
+    }
+    commands: list[str] = []
+    ready = threading.Event()
+
+    def monitor() -> None:
+        with redis.Redis(host="127.0.0.1", port=6379, socket_timeout=120).monitor() as mon:
+            ready.set()
+            for cmd in mon.listen():
+                commands.append(cmd["command"])
+                if f"{keys.prefix}STOP" in cmd["command"]:
+                    return
+
+    watcher = threading.Thread(target=monitor, daemon=True)
+    watcher.start()
+    ready.wait(5)
+    time.sleep(0.1)
+    worker = FrameWorker(client, keys, settings(), dict.fromkeys(cams, engine), consumer="w-test")
+    stats = worker.run(max_results=4)
+    client.get(f"{keys.prefix}STOP")
+    watcher.join(10)
+
+    assert stats.results == 4 and stats.batches == 1  # one batch across both cameras
+    for cam in cams:
+        got = results(client, keys, cam)
+        assert [r.frame_id for r in got] == ids[cam]
+        assert pending(client, keys, cam) == 0
+        normal, anomalous = got
+        assert (normal.anomalous, anomalous.anomalous) == (False, True)
+        assert normal.mask is None and normal.heatmap is None
+        assert anomalous.mask and anomalous.heatmap and anomalous.regions
+        mask = cv2.imdecode(np.frombuffer(anomalous.mask, np.uint8), cv2.IMREAD_GRAYSCALE)
+        assert mask.shape == (256, 256) and (anomalous.map_h, anomalous.map_w) == (256, 256)
+        assert int((mask > 0).sum()) == sum(r.area for r in anomalous.regions)
+        assert anomalous.score > anomalous.threshold > normal.score
+        assert anomalous.score_norm > 0.5 > normal.score_norm
+        assert anomalous.model_sha256 == "ab" * 32 and anomalous.batch == 4
+        assert anomalous.worker == "w-test" and anomalous.frame_w == W
+        assert anomalous.t_infer_ms > 0 and anomalous.t_total_ms >= anomalous.t_queue_ms
+
+    # each XACK shares its MULTI/EXEC with the XADD of that frame's result
+    blocks, block = [], None
+    for cmd in commands:
+        if cmd == "MULTI":
+            block = []
+        elif cmd == "EXEC" and block is not None:
+            blocks.append(block)
+            block = None
+        elif block is not None:
+            block.append(cmd)
+    for cam in cams:
+        for frame_id in ids[cam]:
+            acks = [
+                b
+                for b in blocks
+                if any(c.startswith(f"XACK {keys.frames(cam)}") and frame_id in c for c in b)
+            ]
+            assert len(acks) == 1, f"{frame_id} acked {len(acks)} times"
+            assert any(
+                c.startswith(f"XADD {keys.results(cam)}") and f"frame_id {frame_id}" in c
+                for c in acks[0]
+            )
+
+
+def test_frame_resolution_maps_give_boxes_in_frame_pixels(client, keys, engine):
+    add_frame(client, keys, "cam1", 0, noisy_frame())
+    worker = FrameWorker(
+        client, keys, settings(map_resolution="frame", max_wait_ms=0), {"cam1": engine}
+    )
+    worker.run(max_results=1)
+    (res,) = results(client, keys, "cam1")
+    assert (res.map_h, res.map_w) == (H, W)
+    assert all(r.x + r.w <= W and r.y + r.h <= H for r in res.regions)
+
+
+def test_restarted_worker_finishes_its_own_pending_frames(client, keys, engine):
+    cam = "cam1"
+    worker = FrameWorker(client, keys, settings(max_wait_ms=0), {cam: engine}, consumer="w1")
+    worker.ensure_groups()
+    ids = [add_frame(client, keys, cam, i) for i in range(2)]
+    # the first life of w1 read both frames and died before publishing
+    client.xreadgroup("workers", "w1", {keys.frames(cam): ">"}, count=10)
+    assert pending(client, keys, cam) == 2
+    stats = FrameWorker(client, keys, settings(), {cam: engine}, consumer="w1").run(max_results=2)
+    assert stats.recovered == 2
+    assert [r.frame_id for r in results(client, keys, cam)] == ids
+    assert all(r.batch == 1 for r in results(client, keys, cam))  # re-read frames run alone
+    assert pending(client, keys, cam) == 0
+
+
+def test_frames_of_a_dead_consumer_are_claimed(client, keys, engine):
+    cam = "cam1"
+    cfg = settings(claim_min_idle_ms=200, claim_interval_s=0.1)
+    worker = FrameWorker(client, keys, cfg, {cam: engine}, consumer="alive")
+    worker.ensure_groups()
+    frame_id = add_frame(client, keys, cam, 0)
+    client.xreadgroup("workers", "dead", {keys.frames(cam): ">"}, count=10)
+    time.sleep(0.3)
+    stats = worker.run(max_results=1, idle_exit_s=10)
+    assert stats.claimed == 1
+    (res,) = results(client, keys, cam)
+    assert res.frame_id == frame_id and res.worker == "alive"
+    assert pending(client, keys, cam) == 0
+
+
+def test_poison_frames_are_dead_lettered_after_max_deliveries(client, keys, engine):
+    cam = "cam1"
+    worker = FrameWorker(client, keys, settings(max_deliveries=2), {cam: engine}, consumer="w1")
+    worker.ensure_groups()
+    frame_id = add_frame(client, keys, cam, 0)
+    for _ in range(2):  # two lives that crashed on this frame (each re-read bumps the count)
+        client.xreadgroup("workers", "w1", {keys.frames(cam): "0" if _ else ">"}, count=1)
+    assert worker.recover_own_pending() == 1
+    (dead,) = deadletters(client, keys, cam)
+    assert dead["reason"] == b"poison" and dead["deliveries"] == b"3"
+    assert dead["source_id"].decode() == frame_id
+    assert original_fields(dead)["data"] == client.xrange(keys.frames(cam))[0][1][b"data"]
+    assert results(client, keys, cam) == [] and pending(client, keys, cam) == 0
+
+
+def test_bad_frames_go_to_the_dead_letter_stream_with_a_reason(client, keys, engine):
+    cam = "cam1"
+    cfg = settings(max_frame_bytes=50_000, max_age_s=60, max_wait_ms=0)
+    worker = FrameWorker(client, keys, cfg, {cam: engine})
+    worker.ensure_groups()
+    big = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    add_frame(client, keys, cam, 0, data=b"\xff\xd8 corrupt jpeg")
+    add_frame(client, keys, cam, 1, data=encode_image(big, "raw"))
+    add_frame(client, keys, cam, 2, w="wide")
+    add_frame(client, keys, cam, 3, ts_ns=time.time_ns() - 3600 * 10**9)
+    add_frame(client, keys, cam, 4, cam="someone-else")
+    stats = worker.run(idle_exit_s=0.5)
+    reasons = [d["reason"].decode() for d in deadletters(client, keys, cam)]
+    assert sorted(reasons) == ["malformed", "malformed", "oversize", "too_old", "undecodable"]
+    assert stats.results == 0 and pending(client, keys, cam) == 0
+    by_reason = {d["reason"].decode(): d for d in deadletters(client, keys, cam)}
+    assert b"not a decodable jpeg" in by_reason["undecodable"]["detail"]
+    assert any(d["detail"].startswith(b"field 'w'") for d in deadletters(client, keys, cam))
+    assert "data" not in by_reason["too_old"]  # the backlog is not copied
+    assert by_reason["oversize"]["data"] == encode_image(big, "raw")
+
+
+def test_a_result_for_a_frame_acked_elsewhere_is_removed(client, keys, engine):
+    """A slow worker whose frame was claimed and finished by a peer must not add a second result."""
+    cam = "cam1"
+    worker = FrameWorker(client, keys, settings(), {cam: engine}, consumer="slow")
+    worker.ensure_groups()
+    frame_id = add_frame(client, keys, cam, 0)
+    client.xreadgroup("workers", "slow", {keys.frames(cam): ">"})
+    client.xack(keys.frames(cam), "workers", frame_id)  # the peer already published and acked
+    client.xadd(keys.results(cam), {"peer": "result"})
+    msg = FrameMessage.from_fields(client.xrange(keys.frames(cam))[0][1])
+    late = ResultMessage(
+        cam=cam,
+        frame_id=frame_id,
+        seq=0,
+        ts_ns=msg.ts_ns,
+        score=0.1,
+        score_norm=0.1,
+        anomalous=False,
+        threshold=1.0,
+        model="rand",
+        map_w=8,
+        map_h=8,
+    )
+    entry = FrameEntry(cam, frame_id, {}, time.time_ns(), frame=msg)
+    worker._publish_camera(cam, [_Outcome(entry, result=late)])
+    assert client.xlen(keys.results(cam)) == 1 and worker.stats.duplicates == 1
+
+
+def test_sigterm_finishes_the_in_flight_batch_and_exits_cleanly(client, keys, engine, tmp_path):
+    cam = "cam1"
+    model_dir = save_checkpoint(
+        engine.model.float().cpu(),
+        {
+            "name": "rand",
+            "version": "1",
+            "image_size": [256, 256],
+            "threshold": engine.info.threshold,
+            "score_min": engine.info.score_min,
+            "score_max": engine.info.score_max,
+        },
+        tmp_path / "model",
+    )
+    config = {
+        "redis": {"url": "redis://127.0.0.1:6379/0", "key_prefix": keys.prefix},
+        "cameras": [{"id": cam, "source": "usb:0"}],
+        "models": {"default": str(model_dir)},
+        "worker": {"batch_size": 2, "max_wait_ms": 5000, "block_ms": 100, "device": "cpu"},
+        "metrics": {"enabled": False},
+    }
+    config_path = tmp_path / "line.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    ids = [add_frame(client, keys, cam, i) for i in range(5)]
+    code = (
+        "import argparse, sys\n"
+        "from worker.cli import register\n"
+        "p = argparse.ArgumentParser(); sub = p.add_subparsers(); register(sub)\n"
+        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "worker", "--config", str(config_path), "--index", "0"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while pending(client, keys, cam) == 0:  # wait until it holds frames in flight
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "worker never read a frame"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out.decode()
+    got = [r.frame_id for r in results(client, keys, cam)]
+    assert 1 <= len(got) < len(ids) and got == ids[: len(got)]
+    assert pending(client, keys, cam) == 0  # what it read, it finished; the rest stays unread
+    consumers = client.xinfo_consumers(keys.frames(cam), "workers")
+    assert [c["name"] for c in consumers] == [f"worker-{os.uname().nodename}-0".encode()]
+    statuses = [f[b"event"] for _, f in client.xrange(keys.status())]
+    assert statuses == [b"process.started", b"process.stopped"]
+
+
+def test_a_result_that_cannot_be_written_is_kept_as_a_dead_letter(client, keys, engine):
+    """MULTI/EXEC applies the XACK even when the XADD fails: the frame must not vanish."""
+    cam = "cam1"
+    worker = FrameWorker(client, keys, settings(), {cam: engine}, consumer="w1")
+    worker.ensure_groups()
+    frame_id = add_frame(client, keys, cam, 0)
+    ((_, items),) = client.xreadgroup("workers", "w1", {keys.frames(cam): ">"})
+    client.set(keys.results(cam), "not a stream")  # misconfiguration: WRONGTYPE at EXEC
+    msg = FrameMessage.from_fields(items[0][1])
+    result = ResultMessage(
+        cam=cam,
+        frame_id=frame_id,
+        seq=0,
+        ts_ns=msg.ts_ns,
+        score=0.1,
+        score_norm=0.1,
+        anomalous=False,
+        threshold=1.0,
+        model="rand",
+        map_w=8,
+        map_h=8,
+    )
+    entry = FrameEntry(cam, frame_id, items[0][1], time.time_ns(), frame=msg)
+    worker._publish_camera(cam, [_Outcome(entry, result=result)])
+    (dead,) = deadletters(client, keys, cam)
+    assert dead["reason"] == b"publish_failed" and b"WRONGTYPE" in dead["detail"]
+    assert dead["data"] == items[0][1][b"data"] and pending(client, keys, cam) == 0

@@ -1,0 +1,750 @@
+"""The inference worker: frames:{cam} -> batches -> model -> results:{cam}, at least once, no loss.
+
+Delivery rules (Redis Streams is at-least-once; see research/streaming.md section 4):
+
+- One consumer group ("workers") over all configured camera streams; the consumer name is stable
+  across restarts, so at start the worker re-reads its OWN pending entries (id 0) and finishes them.
+- Every ``claim_interval_s`` it XAUTOCLAIMs entries another consumer left idle for longer than
+  ``claim_min_idle_ms`` (a dead or hung worker), its own lost ones included.
+- A re-read or claimed entry runs alone (batch of 1), so a frame that kills the process only
+  raises its own delivery count; once that count exceeds ``max_deliveries`` it is dead-lettered.
+- The result XADD and the frame XACK go in ONE MULTI/EXEC per camera (all keys share the
+  ``{cam}`` hash tag, so this works on Redis Cluster). The XACK comes first: if it acked nothing,
+  another worker already published that frame and our copy of the result is deleted again, so
+  each frame keeps exactly one result even when a slow worker's entry was claimed under it.
+- Frames that cannot be used (malformed, oversize, undecodable, poison, too old, trimmed) go to
+  ``deadletter:{cam}`` with a reason in the same transaction as their XACK: nothing vanishes.
+- SIGTERM/SIGINT: stop reading, finish every frame already read, publish, ack, exit 0.
+
+Throughput: the main thread reads, decodes and runs the model; a second thread turns the maps
+into regions/PNGs and writes results, so that CPU and Redis work overlaps the next model call
+(at most two batches queue up behind the GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import redis
+import torch
+
+from pipeline import observability as obs
+from pipeline.stage_settings import WorkerSettings
+from pipeline.wire import (
+    FrameMessage,
+    ResultMessage,
+    StreamKeys,
+    WireError,
+    deadletter_fields,
+)
+from worker.batching import BatchCollector
+from worker.decode import decode_frames
+from worker.postprocess import postprocess
+
+if TYPE_CHECKING:
+    from models.inference import BatchPrediction, InferenceEngine
+
+log = logging.getLogger(__name__)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass
+class FrameEntry:
+    """A frame entry read from Redis and owned by this consumer until it is acked."""
+
+    cam: str
+    entry_id: str
+    fields: dict[bytes, bytes]
+    read_ns: int
+    deliveries: int = 1
+    frame: FrameMessage | None = None
+
+
+@dataclass
+class _Outcome:
+    """What one frame entry turns into: a result or a dead letter (plus the ack either way)."""
+
+    entry: FrameEntry
+    result: ResultMessage | None = None
+    reason: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class _Scored:
+    """A model call's output for frames that still need post-processing and publishing."""
+
+    entries: list[FrameEntry]
+    pred: BatchPrediction
+    decode_s: float
+    infer_s: float
+
+
+class _Background:
+    """One thread that runs submitted jobs in order; a bounded queue keeps it at most
+    ``depth`` batches behind, and its first error is raised in the submitting thread."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self.closed = False
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="worker-publish", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.raise_error()
+        self._queue.put(job)
+
+    def drain(self) -> None:
+        """Wait until every submitted job ran; re-raise the first failure."""
+        self._queue.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._queue.put(None)
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:  # after a failure, skip: the frames stay pending
+                    job()
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one ``run`` (tests and the exit log line)."""
+
+    batches: int = 0
+    results: int = 0
+    anomalous: int = 0
+    dead_letters: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    duplicates: int = 0
+    recovered: int = 0
+    claimed: int = 0
+
+
+class FrameWorker:
+    """Consumes camera streams with a consumer group and publishes one result per frame.
+
+    ``engines`` maps camera id -> InferenceEngine; cameras sharing one engine object share its
+    batches (per-model batching across cameras).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: StreamKeys,
+        settings: WorkerSettings,
+        engines: Mapping[str, InferenceEngine],
+        *,
+        consumer: str | None = None,
+    ) -> None:
+        if not engines:
+            raise ValueError("the worker needs at least one camera -> model route")
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self.engines = dict(engines)
+        self.consumer = consumer or settings.consumer_name()
+        self.cameras = sorted(self.engines)
+        self._stop = threading.Event()
+        self._collectors: dict[int, BatchCollector[FrameEntry]] = {}
+        self._engine_by_id: dict[int, InferenceEngine] = {}
+        for engine in self.engines.values():
+            key = id(engine)
+            if key not in self._collectors:
+                self._engine_by_id[key] = engine
+                self._collectors[key] = BatchCollector(
+                    settings.batch_size, settings.max_wait_ms / 1000.0
+                )
+        self._claim_cursor = dict.fromkeys(self.cameras, "0-0")
+        self._is_cluster = type(client).__name__ == "RedisCluster"
+        self._background = _Background()
+        self.stats = WorkerStats()
+
+    # ------------------------------------------------------------------------------- control
+
+    def request_stop(self, *_: Any) -> None:
+        """Finish what was read, publish, ack, then leave ``run`` (signal-handler safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def run(self, max_results: int | None = None, idle_exit_s: float | None = None) -> WorkerStats:
+        """Serve until stopped (or ``max_results`` written, or idle for ``idle_exit_s``)."""
+        self.ensure_groups()
+        self._emit_status("process.started")
+        log.info(
+            "worker started",
+            extra={
+                "consumer": self.consumer,
+                "cameras": self.cameras,
+                "group": self.settings.group,
+            },
+        )
+        next_claim = time.monotonic() + self.settings.claim_interval_s
+        last_work = time.monotonic()
+        need_recovery = True
+        if self._background.closed:
+            self._background = _Background()
+        try:
+            while not self.stopping:
+                try:
+                    if need_recovery:
+                        self.recover_own_pending()
+                        need_recovery = False
+                    if time.monotonic() >= next_claim:
+                        self.claim_abandoned()
+                        self._update_pending_gauges()
+                        next_claim = time.monotonic() + self.settings.claim_interval_s
+                    if self._read_once() or any(len(c) for c in self._collectors.values()):
+                        last_work = time.monotonic()
+                    self._process_ready(force=False)
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    log.warning("consumer group vanished (stream deleted?); recreating it")
+                    self.ensure_groups()
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    obs.REDIS_ERRORS.labels("worker").inc()
+                    log.warning("redis unavailable, retrying: %s", exc)
+                    self._drop_buffered()  # still pending in Redis: recovered after reconnect
+                    self._settle_background()
+                    need_recovery = True
+                    self._stop.wait(1.0)
+                if max_results is not None and self.stats.results >= max_results:
+                    break
+                if idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
+                    break
+            self._process_ready(force=True)
+            self._background.drain()
+        finally:
+            self._settle_background()
+            self._background.close()
+            self._emit_status("process.stopped")
+            log.info(
+                "worker stopped",
+                extra={
+                    "consumer": self.consumer,
+                    "results": self.stats.results,
+                    "dead_letters": dict(self.stats.dead_letters),
+                },
+            )
+        return self.stats
+
+    # ------------------------------------------------------------------------------- reading
+
+    def ensure_groups(self) -> None:
+        for cam in self.cameras:
+            try:
+                self.client.xgroup_create(
+                    self.keys.frames(cam),
+                    self.settings.group,
+                    id=self.settings.create_group_from,
+                    mkstream=True,
+                )
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def _read_once(self) -> int:
+        """One XREADGROUP ">" over all cameras; blocks at most until the next batch deadline."""
+        waits = [c.time_left() for c in self._collectors.values()]
+        pending = [w for w in waits if w is not None]
+        if pending and min(pending) <= 0:
+            return 0
+        block_ms = self.settings.block_ms
+        if pending:
+            block_ms = max(1, min(block_ms, int(min(pending) * 1000)))
+        count = self.settings.read_count or self.settings.batch_size
+        rooms = [c.room for c in self._collectors.values() if len(c)]
+        if rooms:
+            count = max(1, min(count, min(rooms)))
+        streams = {self.keys.frames(cam): ">" for cam in self.cameras}
+        reply = self._xreadgroup(streams, count, block_ms)
+        now = time.time_ns()
+        entries = []
+        for key, items in reply:
+            cam = self._cam_of(key)
+            for entry_id, fields in items:
+                entries.append(FrameEntry(cam, _text(entry_id), fields or {}, now))
+        for entry in entries:
+            self._collectors[id(self.engines[entry.cam])].add(entry)
+        return len(entries)
+
+    def _xreadgroup(self, streams: dict[str, str], count: int, block_ms: int | None) -> list:
+        if not self._is_cluster or len(streams) == 1:
+            return (
+                self.client.xreadgroup(
+                    self.settings.group, self.consumer, streams, count=count, block=block_ms
+                )
+                or []
+            )
+        # Cluster: one stream per slot, so poll each without blocking and nap when all are empty
+        reply = []
+        for key, cursor in streams.items():
+            got = self.client.xreadgroup(self.settings.group, self.consumer, {key: cursor}, count)
+            reply.extend(got or [])
+        if not reply and block_ms:
+            self._stop.wait(min(block_ms, 20) / 1000.0)
+        return reply
+
+    def _cam_of(self, key: bytes | str) -> str:
+        key = _text(key)
+        return key[key.index("{") + 1 : key.rindex("}")]
+
+    def recover_own_pending(self) -> int:
+        """Re-read this consumer's pending entries (id 0) and finish them one at a time."""
+        done = 0
+        for cam in self.cameras:
+            key = self.keys.frames(cam)
+            cursor = "0"
+            while not self.stopping:
+                reply = self.client.xreadgroup(
+                    self.settings.group, self.consumer, {key: cursor}, count=1
+                )
+                items = reply[0][1] if reply else []
+                if not items:
+                    break
+                entry_id, fields = items[0]
+                cursor = _text(entry_id)
+                entry = FrameEntry(cam, cursor, fields or {}, time.time_ns())
+                entry.deliveries = self._delivery_count(cam, cursor)
+                obs.REDELIVERIES.labels(cam).inc()
+                self.stats.recovered += 1
+                self._process_batch(self.engines[cam], [entry])
+                self._background.drain()  # finish it before the next re-read bumps a count
+                done += 1
+        self._background.drain()
+        if done:
+            log.info("finished own pending entries from a previous run", extra={"count": done})
+        return done
+
+    def claim_abandoned(self) -> int:
+        """XAUTOCLAIM entries idle > claim_min_idle_ms (dead peers) and finish them singly."""
+        claimed = 0
+        for cam in self.cameras:
+            key = self.keys.frames(cam)
+            budget = self.settings.batch_size
+            while budget > 0 and not self.stopping:
+                reply = self.client.xautoclaim(
+                    key,
+                    self.settings.group,
+                    self.consumer,
+                    self.settings.claim_min_idle_ms,
+                    start_id=self._claim_cursor[cam],
+                    count=1,
+                )
+                cursor, items = _text(reply[0]), reply[1]
+                deleted = reply[2] if len(reply) > 2 else []
+                self._claim_cursor[cam] = cursor
+                if deleted:
+                    self._record_vanished(cam, [_text(d) for d in deleted])
+                for entry_id, fields in items:
+                    entry = FrameEntry(cam, _text(entry_id), fields or {}, time.time_ns())
+                    entry.deliveries = self._delivery_count(cam, entry.entry_id)
+                    obs.REDELIVERIES.labels(cam).inc()
+                    self.stats.claimed += 1
+                    claimed += 1
+                    budget -= 1
+                    self._process_batch(self.engines[cam], [entry])
+                    self._background.drain()
+                if cursor == "0-0":
+                    break
+        self._background.drain()
+        if claimed:
+            log.info("claimed abandoned frame entries", extra={"count": claimed})
+        return claimed
+
+    def _delivery_count(self, cam: str, entry_id: str) -> int:
+        rows = self.client.xpending_range(
+            self.keys.frames(cam), self.settings.group, min=entry_id, max=entry_id, count=1
+        )
+        return int(rows[0]["times_delivered"]) if rows else 1
+
+    def _record_vanished(self, cam: str, entry_ids: list[str]) -> None:
+        """Pending entries trimmed from the stream before anyone scored them: say so."""
+        pipe = self.client.pipeline(transaction=True)
+        for entry_id in entry_ids:
+            pipe.xadd(
+                self.keys.deadletter(cam),
+                deadletter_fields(
+                    None,
+                    reason="trimmed",
+                    detail="pending entry was trimmed from the stream before it was scored",
+                    source_key=self.keys.frames(cam),
+                    source_id=entry_id,
+                    consumer=self.consumer,
+                ),
+                maxlen=self.settings.deadletter_maxlen,
+                approximate=True,
+            )
+        pipe.execute()
+        obs.DEAD_LETTERS.labels(cam, "trimmed").inc(len(entry_ids))
+        obs.FRAMES_DROPPED.labels(cam, "trimmed").inc(len(entry_ids))
+        self.stats.dead_letters["trimmed"] += len(entry_ids)
+
+    def _update_pending_gauges(self) -> None:
+        for cam in self.cameras:
+            summary = self.client.xpending(self.keys.frames(cam), self.settings.group)
+            obs.PENDING_ENTRIES.labels(cam, self.settings.group).set(int(summary["pending"]))
+
+    def _settle_background(self) -> None:
+        """Let queued publish jobs finish; their failures leave frames pending (recovered later)."""
+        while True:
+            try:
+                self._background.drain()
+                return
+            except Exception as exc:
+                log.warning("publishing a batch failed; its frames stay pending: %s", exc)
+
+    def _drop_buffered(self) -> None:
+        for collector in self._collectors.values():
+            while len(collector):
+                collector.take()
+
+    # ---------------------------------------------------------------------------- processing
+
+    def _process_ready(self, force: bool) -> None:
+        for key, collector in self._collectors.items():
+            while len(collector) and (force or collector.ready()):
+                self._process_batch(self._engine_by_id[key], collector.take())
+
+    def _process_batch(self, engine: InferenceEngine, entries: list[FrameEntry]) -> None:
+        outcomes: list[_Outcome] = []
+        usable: list[FrameEntry] = []
+        for entry in entries:
+            rejected = self._triage(entry)
+            if rejected is None:
+                usable.append(entry)
+            else:
+                outcomes.append(rejected)
+        scored: list[_Scored] = []
+        if usable:
+            rejected, scored = self._score(engine, usable)
+            outcomes.extend(rejected)
+        # the GPU moves on to the next batch while this one is post-processed and published
+        self._background.submit(lambda: self._finish(engine, outcomes, scored))
+
+    def _triage(self, entry: FrameEntry) -> _Outcome | None:
+        """Reject what must not reach the model; parse the rest."""
+        cam = entry.cam
+        if not entry.fields:
+            return _Outcome(entry, reason="trimmed", detail="entry body is gone from the stream")
+        if entry.deliveries > self.settings.max_deliveries:
+            return _Outcome(
+                entry,
+                reason="poison",
+                detail=f"delivered {entry.deliveries} times (limit {self.settings.max_deliveries})",
+            )
+        size = len(entry.fields.get(b"data", b""))
+        if size > self.settings.max_frame_bytes:
+            return _Outcome(
+                entry,
+                reason="oversize",
+                detail=f"data is {size} bytes, max_frame_bytes={self.settings.max_frame_bytes}",
+            )
+        try:
+            frame = FrameMessage.from_fields(entry.fields)
+        except WireError as exc:
+            return _Outcome(entry, reason="malformed", detail=str(exc))
+        if frame.cam != cam:
+            return _Outcome(
+                entry, reason="malformed", detail=f"cam field {frame.cam!r} in stream of {cam!r}"
+            )
+        if self.settings.max_age_s is not None:
+            age_s = (entry.read_ns - frame.ts_ns) / 1e9
+            if age_s > self.settings.max_age_s:
+                return _Outcome(
+                    entry,
+                    reason="too_old",
+                    detail=f"captured {age_s:.3f} s ago, max_age_s={self.settings.max_age_s}",
+                )
+        entry.frame = frame
+        return None
+
+    def _score(
+        self, engine: InferenceEngine, entries: list[FrameEntry]
+    ) -> tuple[list[_Outcome], list[_Scored]]:
+        """Decode and run the model (GPU side); frames that do not decode become dead letters."""
+        model = engine.info.name
+        frames = [e.frame for e in entries if e.frame is not None]
+        t0 = time.perf_counter()
+        decoded = decode_frames(frames, engine.device)
+        decode_s = time.perf_counter() - t0
+        obs.DECODE_LATENCY.labels(model).observe(decode_s)
+        rejected: list[_Outcome] = []
+        by_shape: dict[tuple[int, ...], list[tuple[FrameEntry, torch.Tensor]]] = defaultdict(list)
+        for entry, image in zip(entries, decoded, strict=True):
+            if isinstance(image, WireError):
+                rejected.append(_Outcome(entry, reason="undecodable", detail=str(image)))
+            else:
+                by_shape[tuple(image.shape)].append((entry, image))
+        scored = [s for group in by_shape.values() for s in self._infer(engine, group, decode_s)]
+        return rejected, scored
+
+    def _infer(
+        self,
+        engine: InferenceEngine,
+        group: list[tuple[FrameEntry, torch.Tensor]],
+        decode_s: float,
+    ) -> list[_Scored]:
+        model = engine.info.name
+        batch = torch.stack([image for _, image in group])
+        t0 = time.perf_counter()
+        try:
+            pred = engine.predict(batch)
+        except (RuntimeError, ValueError):
+            if len(group) == 1:
+                raise  # a lone frame the model cannot run: crash, redeliver, then poison
+            log.exception("batch of %d failed; retrying its frames one by one", len(group))
+            return [s for item in group for s in self._infer(engine, [item], decode_s)]
+        infer_s = time.perf_counter() - t0
+        obs.BATCHES.labels(model).inc()
+        obs.BATCH_SIZE.labels(model).observe(len(group))
+        obs.INFER_LATENCY.labels(model).observe(infer_s)
+        self.stats.batches += 1
+        return [_Scored([entry for entry, _ in group], pred, decode_s, infer_s)]
+
+    def _finish(
+        self, engine: InferenceEngine, rejected: list[_Outcome], scored: list[_Scored]
+    ) -> None:
+        """CPU side, off the GPU thread: maps -> regions/PNGs -> results, then publish + ack."""
+        outcomes = list(rejected)
+        for batch in scored:
+            outcomes.extend(self._results(engine, batch))
+        self._publish(outcomes)
+
+    def _results(self, engine: InferenceEngine, scored: _Scored) -> list[_Outcome]:
+        info, pred = engine.info, scored.pred
+        outcomes = []
+        for i, entry in enumerate(scored.entries):
+            frame = entry.frame
+            assert frame is not None
+            anomalous = bool(pred.anomalous[i])
+            post = postprocess(
+                pred.maps[i],
+                info.threshold,
+                frame_size=(frame.h, frame.w) if self.settings.map_resolution == "frame" else None,
+                with_images=anomalous or self.settings.mask_for_normal,
+                find=anomalous or self.settings.mask_for_normal,
+            )
+            result = ResultMessage(
+                cam=entry.cam,
+                frame_id=entry.entry_id,
+                seq=frame.seq,
+                ts_ns=frame.ts_ns,
+                score=float(pred.scores[i]),
+                score_norm=float(np.clip(pred.normalized[i], 0.0, 1.0)),
+                anomalous=anomalous,
+                threshold=float(info.threshold),
+                model=info.name,
+                model_version=info.version,
+                model_sha256=info.sha256,
+                t_queue_ms=max(0.0, (entry.read_ns - frame.ts_ns) / 1e6),
+                t_decode_ms=scored.decode_s * 1000.0,
+                t_infer_ms=scored.infer_s * 1000.0,
+                frame_w=frame.w,
+                frame_h=frame.h,
+                map_w=post.map_w,
+                map_h=post.map_h,
+                regions=post.regions,
+                mask=post.mask_png,
+                heatmap=post.heatmap_png,
+                batch=len(scored.entries),
+                worker=self.consumer,
+            )
+            outcomes.append(_Outcome(entry, result=result))
+        return outcomes
+
+    # ---------------------------------------------------------------------------- publishing
+
+    def _publish(self, outcomes: Iterable[_Outcome]) -> None:
+        by_cam: dict[str, list[_Outcome]] = defaultdict(list)
+        for outcome in outcomes:
+            by_cam[outcome.entry.cam].append(outcome)
+        for cam, items in by_cam.items():
+            items.sort(key=lambda o: o.result.seq if o.result else -1)
+            self._publish_camera(cam, items)
+
+    def _publish_camera(self, cam: str, outcomes: list[_Outcome]) -> None:
+        """XACK + XADD for one camera in one MULTI/EXEC; undo our XADDs whose XACK lost a race."""
+        done_ns = time.time_ns()
+        frames_key = self.keys.frames(cam)
+        pipe = self.client.pipeline(transaction=True)
+        for outcome in outcomes:
+            pipe.xack(frames_key, self.settings.group, outcome.entry.entry_id)
+        for outcome in outcomes:
+            if outcome.result is not None:
+                result = outcome.result.model_copy(
+                    update={
+                        "done_ns": done_ns,
+                        "t_total_ms": max(0.0, (done_ns - outcome.result.ts_ns) / 1e6),
+                    }
+                )
+                outcome.result = result
+                pipe.xadd(
+                    self.keys.results(cam),
+                    result.to_fields(),
+                    maxlen=self.settings.results_maxlen,
+                    approximate=True,
+                )
+            else:
+                pipe.xadd(
+                    self.keys.deadletter(cam),
+                    self._deadletter_fields(outcome),
+                    maxlen=self.settings.deadletter_maxlen,
+                    approximate=True,
+                )
+        # MULTI/EXEC does not roll back: a command that fails at EXEC (say WRONGTYPE on a
+        # misconfigured key) leaves the others applied, so every reply is checked
+        replies = pipe.execute(raise_on_error=False)
+        acks, added = replies[: len(outcomes)], replies[len(outcomes) :]
+        for reply in acks:
+            if isinstance(reply, Exception):
+                raise reply  # nothing acked: the frames stay pending and are retried
+        failed = [
+            (o, reply)
+            for o, reply in zip(outcomes, added, strict=True)
+            if isinstance(reply, Exception)
+        ]
+        if failed:
+            self._rescue(cam, failed)
+        lost = [
+            (o, _text(new_id))
+            for o, ack, new_id in zip(outcomes, acks, added, strict=True)
+            if int(ack) == 0 and not isinstance(new_id, Exception)
+        ]
+        if lost:
+            self._undo_duplicates(cam, lost)
+        skip = {o.entry.entry_id for o, _ in lost} | {o.entry.entry_id for o, _ in failed}
+        for outcome in outcomes:
+            if outcome.entry.entry_id not in skip:
+                self._count(outcome)
+
+    def _rescue(self, cam: str, failed: list[tuple[_Outcome, Exception]]) -> None:
+        """A frame was acked but its result could not be written: keep it as a dead letter."""
+        for outcome, error in failed:
+            log.error(
+                "result could not be written; dead-lettering the frame",
+                extra={"camera": cam, "entry": outcome.entry.entry_id, "error": str(error)},
+            )
+            self.client.xadd(
+                self.keys.deadletter(cam),
+                deadletter_fields(
+                    outcome.entry.fields,
+                    reason="publish_failed",
+                    detail=f"{type(error).__name__}: {error}",
+                    source_key=self.keys.frames(cam),
+                    source_id=outcome.entry.entry_id,
+                    consumer=self.consumer,
+                    deliveries=outcome.entry.deliveries,
+                ),
+                maxlen=self.settings.deadletter_maxlen,
+                approximate=True,
+            )
+            self.stats.dead_letters["publish_failed"] += 1
+            obs.DEAD_LETTERS.labels(cam, "publish_failed").inc()
+
+    def _undo_duplicates(self, cam: str, lost: list[tuple[_Outcome, str]]) -> None:
+        """Another consumer acked these first (we were slow and got claimed): drop our copies."""
+        pipe = self.client.pipeline(transaction=True)
+        for outcome, new_id in lost:
+            key = self.keys.results(cam) if outcome.result else self.keys.deadletter(cam)
+            pipe.xdel(key, new_id)
+        pipe.execute()
+        self.stats.duplicates += len(lost)
+        log.warning(
+            "frames were already acked by another consumer; removed our duplicate entries",
+            extra={"camera": cam, "count": len(lost)},
+        )
+
+    def _deadletter_fields(self, outcome: _Outcome) -> dict:
+        entry = outcome.entry
+        original = entry.fields
+        if outcome.reason == "too_old":
+            # the frame itself stays in frames:{cam}; a second copy of a backlog would double RAM
+            original = {k: v for k, v in original.items() if k != b"data"}
+        return deadletter_fields(
+            original,
+            reason=outcome.reason or "malformed",
+            detail=outcome.detail,
+            source_key=self.keys.frames(entry.cam),
+            source_id=entry.entry_id,
+            consumer=self.consumer,
+            deliveries=entry.deliveries,
+        )
+
+    def _count(self, outcome: _Outcome) -> None:
+        cam = outcome.entry.cam
+        result = outcome.result
+        if result is None:
+            reason = outcome.reason or "malformed"
+            self.stats.dead_letters[reason] += 1
+            obs.DEAD_LETTERS.labels(cam, reason).inc()
+            if reason in ("too_old", "trimmed"):
+                obs.FRAMES_DROPPED.labels(cam, reason).inc()
+            log.warning(
+                "frame dead-lettered",
+                extra={"camera": cam, "entry": outcome.entry.entry_id, "reason": reason},
+            )
+            return
+        self.stats.results += 1
+        obs.FRAMES_SCORED.labels(cam, result.model).inc()
+        obs.QUEUE_WAIT.labels(cam).observe(result.t_queue_ms / 1000.0)
+        obs.END_TO_END_LATENCY.labels(cam, "worker").observe(result.t_total_ms / 1000.0)
+        if result.anomalous:
+            self.stats.anomalous += 1
+            obs.FRAMES_ANOMALOUS.labels(cam, result.model).inc()
+
+    def _emit_status(self, event: str) -> None:
+        try:
+            obs.emit_status(
+                self.client,
+                self.keys,
+                obs.StatusEvent(
+                    event=event,
+                    source="worker",
+                    reason=self.consumer,
+                    detail={
+                        "consumer": self.consumer,
+                        "cameras": self.cameras,
+                        "results": self.stats.results,
+                    },
+                ),
+            )
+        except redis.RedisError as exc:
+            log.warning("could not write %s status event: %s", event, exc)
