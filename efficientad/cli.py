@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

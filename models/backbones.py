@@ -7,7 +7,6 @@ output has stride 8 and the one with stride 16.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
+
+from models.checkpoint import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ class BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("wide_resnet101_2", "layer2", "layer3", (512, 1024), "Wide_ResNet101_2_Weights"),
+        BackboneSpec(
+            "wide_resnet101_2", "layer2", "layer3", (512, 1024), "Wide_ResNet101_2_Weights"
+        ),
         BackboneSpec("wide_resnet50_2", "layer2", "layer3", (512, 1024), "Wide_ResNet50_2_Weights"),
         BackboneSpec("resnet50", "layer2", "layer3", (512, 1024), "ResNet50_Weights"),
         BackboneSpec("resnet18", "layer2", "layer3", (128, 256), "ResNet18_Weights"),
@@ -52,14 +55,6 @@ def get_spec(name: str) -> BackboneSpec:
         raise BackboneError(
             f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}"
         ) from None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_weights_file(model: nn.Module, path: Path) -> None:
@@ -105,7 +100,7 @@ def load_backbone(name: str, weights_file: Path | None = None) -> tuple[FeatureT
             raise BackboneError(f"backbone weights file not found: {weights_file}")
         model = builder(weights=None)
         _load_weights_file(model, weights_file)
-        provenance = f"file:{weights_file.name} sha256:{file_sha256(weights_file)}"
+        provenance = f"file:{weights_file.name} sha256:{sha256_file(weights_file)}"
     else:
         enum = getattr(torchvision.models, spec.weights_enum).IMAGENET1K_V1
         log.info("downloading %s ImageNet weights through torchvision (%s)", name, enum)

@@ -2,8 +2,8 @@
 
 A trained model is a directory ``MODEL/`` holding ``model.safetensors`` (anomalib key names) and
 ``model.json`` (everything else inference needs: size, padding, image size, threshold, provenance).
-A teacher is a single ``.safetensors`` file whose keys are ``conv1.weight``.. like anomalib's teacher
-files, with its provenance in the safetensors header metadata.
+A teacher is a single ``.safetensors`` file whose keys are ``conv1.weight``.. like anomalib's
+teacher files, with its provenance in the safetensors header metadata.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _contiguous(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _contiguous(
+    state: dict[str, torch.Tensor], dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         value = value.detach().cpu()
@@ -100,8 +102,9 @@ def load_checkpoint(path: Path, verify_hash: bool = True) -> tuple[EfficientAD, 
     size = meta.get("model_size")
     if size not in ("s", "m"):
         raise CheckpointError(f"{path}: model_size must be 's' or 'm', got {size!r}")
-    model = EfficientAD(size, padding=bool(meta.get("padding", False)),
-                        pad_maps=bool(meta.get("pad_maps", True)))
+    model = EfficientAD(
+        size, padding=bool(meta.get("padding", False)), pad_maps=bool(meta.get("pad_maps", True))
+    )
     load_state(model, load_file(str(weights)), source=str(weights))
     model.eval()
     return model, meta
@@ -135,7 +138,9 @@ def save_teacher(
     """One safetensors file with anomalib teacher keys (conv1..) and provenance in its header."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {META_KEY: json.dumps({"format": TEACHER_FORMAT, "package_version": __version__, **meta})}
+    header = {
+        META_KEY: json.dumps({"format": TEACHER_FORMAT, "package_version": __version__, **meta})
+    }
     tmp = path.with_suffix(".tmp")
     save_file(_contiguous(teacher.state_dict(), dtype), str(tmp), metadata=header)
     tmp.replace(path)

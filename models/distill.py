@@ -5,7 +5,8 @@ aggregated over 3x3 neighbourhoods (PatchCore), the stride-16 map is upsampled t
 each layer's flattened patch vector is average-pooled to 1024 values, the two are stacked and pooled
 to 384 channels, and the target is normalised per channel. The PDN (padding on, 64x64 output for a
 256 px input) regresses that target for the same crop seen at 512 px by the backbone; MSE loss, Adam
-1e-4 / wd 1e-5, grayscale with p=0.1. Random resized crops and flips let a small image set go further.
+1e-4 / wd 1e-5, grayscale with p=0.1. Random resized crops and flips let a small image set go
+further.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from models.backbones import FeatureTaps, load_backbone
 from models.checkpoint import save_teacher
+from models.inference import resolve_device
 from models.networks import TEACHER_CHANNELS, ModelSize, build_pdn
 from models.training_state import has_training_state, load_training_state, save_training_state
 
@@ -65,12 +67,6 @@ class DistillConfig:
     extra_meta: dict = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def find_images(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -94,7 +90,9 @@ class ImageBank:
             h, w = img.shape[:2]
             scale = min(1.0, max_side / max(h, w))
             if scale < 1.0:
-                img = cv2.resize(img, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+                img = cv2.resize(
+                    img, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA
+                )
             arrays.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
             sizes.append(img.shape[:2])
         if not arrays:
@@ -129,8 +127,9 @@ class ImageBank:
             [torch.arange(batch, device=dev, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], dim=1
         )
         src = self.images[idx].float() / 255.0
-        crops = roi_align(src, boxes, output_size=out_size, spatial_scale=1.0, sampling_ratio=2,
-                          aligned=True)
+        crops = roi_align(
+            src, boxes, output_size=out_size, spatial_scale=1.0, sampling_ratio=2, aligned=True
+        )
         flip = r[:, 4] < 0.5
         crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
         grey = (0.299 * crops[:, 0] + 0.587 * crops[:, 1] + 0.114 * crops[:, 2]).unsqueeze(1)
@@ -141,8 +140,9 @@ class ImageBank:
 class PatchTarget(nn.Module):
     """PatchCore-style aggregation of two backbone taps into 384 channels on the stride-8 grid."""
 
-    def __init__(self, taps: FeatureTaps, out_channels: int = TEACHER_CHANNELS,
-                 layer_dim: int = 1024) -> None:
+    def __init__(
+        self, taps: FeatureTaps, out_channels: int = TEACHER_CHANNELS, layer_dim: int = 1024
+    ) -> None:
         super().__init__()
         self.taps = taps
         self.out_channels = out_channels
@@ -216,7 +216,9 @@ def distill(cfg: DistillConfig) -> Path:
     stats.register_buffer("std", torch.ones(1, TEACHER_CHANNELS, 1, 1, device=device))
     history: list[float] = []
     if cfg.resume and has_training_state(work):
-        step, extra = load_training_state(work, {"pdn": pdn, "stats": stats}, optimizer, {"gen": gen})
+        step, extra = load_training_state(
+            work, {"pdn": pdn, "stats": stats}, optimizer, {"gen": gen}
+        )
         history = list(extra.get("loss_history", []))
         log.info("resumed distillation from %s at step %d", work, step)
     else:
@@ -236,8 +238,9 @@ def distill(cfg: DistillConfig) -> Path:
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
             y = target(x)
         y = (y.float() - stats.mean) / stats.std
-        small = F.interpolate(x, size=(cfg.pdn_input, cfg.pdn_input), mode="bilinear",
-                              antialias=True)
+        small = F.interpolate(
+            x, size=(cfg.pdn_input, cfg.pdn_input), mode="bilinear", antialias=True
+        )
         pred = pdn(small)
         loss = F.mse_loss(pred, y)
         optimizer.zero_grad(set_to_none=True)
@@ -253,8 +256,14 @@ def distill(cfg: DistillConfig) -> Path:
             history.append(float(np.nanmean(losses[-100:])))
         out_of_time = cfg.max_seconds is not None and time.time() - start > cfg.max_seconds
         if step % cfg.checkpoint_every == 0 or out_of_time:
-            save_training_state(work, {"pdn": pdn, "stats": stats}, optimizer, step,
-                                {"loss_history": history}, {"gen": gen})
+            save_training_state(
+                work,
+                {"pdn": pdn, "stats": stats},
+                optimizer,
+                step,
+                {"loss_history": history},
+                {"gen": gen},
+            )
         if out_of_time:
             log.warning("time budget of %.0fs reached at step %d", cfg.max_seconds, step)
             break

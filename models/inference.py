@@ -69,11 +69,14 @@ def normalize_scores(scores: np.ndarray, info: ModelInfo) -> np.ndarray:
 
 
 class InferenceEngine:
-    def __init__(self, model: EfficientAD, info: ModelInfo, device: str = "auto",
-                 half: bool = False) -> None:
+    def __init__(
+        self, model: EfficientAD, info: ModelInfo, device: str = "auto", half: bool = False
+    ) -> None:
         self.device = resolve_device(device)
         if half and self.device.type != "cuda":
-            log.warning("fp16 inference requested on %s; using fp32 (fp16 is for GPUs)", self.device)
+            log.warning(
+                "fp16 inference requested on %s; using fp32 (fp16 is for GPUs)", self.device
+            )
             half = False
         self.dtype = torch.float16 if half else torch.float32
         if not model.mean_std.is_set:
@@ -86,12 +89,15 @@ class InferenceEngine:
     def load(cls, path: str | Path, device: str = "auto", half: bool = False) -> InferenceEngine:
         model, meta = load_checkpoint(Path(path))
         if not model.quantiles.is_set:
-            raise CheckpointError(f"{path}: map quantiles are not set; the model was not calibrated")
+            raise CheckpointError(
+                f"{path}: map quantiles are not set; the model was not calibrated"
+            )
         return cls(model, ModelInfo.from_meta(meta), device, half)
 
     @classmethod
-    def from_model(cls, model: EfficientAD, info: ModelInfo, device: str = "auto",
-                   half: bool = False) -> InferenceEngine:
+    def from_model(
+        cls, model: EfficientAD, info: ModelInfo, device: str = "auto", half: bool = False
+    ) -> InferenceEngine:
         return cls(model, info, device, half)
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
@@ -101,8 +107,9 @@ class InferenceEngine:
         x = batch.to(self.device, non_blocking=True)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         if tuple(x.shape[-2:]) != self.info.image_size:
-            x = F.interpolate(x, size=self.info.image_size, mode="bilinear", align_corners=False,
-                              antialias=True).clamp_(0, 1)
+            x = F.interpolate(
+                x, size=self.info.image_size, mode="bilinear", align_corners=False, antialias=True
+            ).clamp_(0, 1)
         return x.to(self.dtype)
 
     @torch.inference_mode()
@@ -122,7 +129,9 @@ class InferenceEngine:
         tensors = []
         for i, img in enumerate(images):
             if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                raise ValueError(f"image {i}: expected HxWx3 uint8 RGB, got {img.shape} {img.dtype}")
+                raise ValueError(
+                    f"image {i}: expected HxWx3 uint8 RGB, got {img.shape} {img.dtype}"
+                )
             t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).unsqueeze(0)
             tensors.append(self.prepare(t))
         x = torch.cat(tensors)

@@ -26,7 +26,9 @@ def robust_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 
-def hard_feature_loss(teacher: torch.Tensor, student: torch.Tensor, q: float = 0.999) -> torch.Tensor:
+def hard_feature_loss(
+    teacher: torch.Tensor, student: torch.Tensor, q: float = 0.999
+) -> torch.Tensor:
     """Mean of the squared ST differences at or above their q-quantile (the paper's L_hard)."""
     distance = (teacher - student[:, :TEACHER_CHANNELS]) ** 2
     d_hard = robust_quantile(distance.detach(), q)

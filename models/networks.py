@@ -1,10 +1,10 @@
 """EfficientAD networks with anomalib-compatible state-dict names.
 
 Parameter names (teacher.conv1.., student.conv1.., ae.encoder.enconvN, ae.decoder.deconvN,
-mean_std.mean/std, quantiles.qa_st/qb_st/qa_ae/qb_ae) match anomalib's ``EfficientAdModel`` so that
-its teacher files and trained models load as they are. The anomaly-map order (zero-pad raw maps by 4,
-bilinear resize to the input size, then quantile-normalise and average) is anomalib's too, so imported
-models give the same maps and scores.
+mean_std.mean/std, quantiles.qa_st/qb_st/qa_ae/qb_ae) match anomalib's ``EfficientAdModel`` so
+that its teacher files and trained models load as they are. The anomaly-map order (zero-pad raw
+maps by 4, bilinear resize to the input size, then quantile-normalise and average) is anomalib's
+too, so imported models give the same maps and scores.
 """
 
 from __future__ import annotations

@@ -84,7 +84,9 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> Path:
             shutil.copyfileobj(resp, out, length=1 << 20)
         got = sha256_file(tmp)
         if got != sha256:
-            raise TeacherError(f"download of {url} has sha256 {got}, expected {sha256}; file discarded")
+            raise TeacherError(
+                f"download of {url} has sha256 {got}, expected {sha256}; file discarded"
+            )
         tmp.replace(dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -126,7 +128,9 @@ def _normalise_keys(state: dict[str, torch.Tensor], size: ModelSize) -> dict[str
         for key, value in state.items():
             idx, kind = key.split(".")
             if idx not in mapping:
-                raise TeacherError(f"nelson1425-style key {key!r} does not fit a PDN-{size.upper()}")
+                raise TeacherError(
+                    f"nelson1425-style key {key!r} does not fit a PDN-{size.upper()}"
+                )
             out[f"{mapping[idx]}.{kind}"] = value
         return out
     raise TeacherError(f"unrecognised teacher key layout: {sorted(keys)[:6]}")
@@ -138,7 +142,9 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle payloads that are not plain tensors are refused
-        raise TeacherError(f"{path}: not a plain state dict loadable with weights_only=True ({exc})")
+        raise TeacherError(
+            f"{path}: not a plain state dict loadable with weights_only=True ({exc})"
+        ) from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
@@ -184,8 +190,8 @@ def resolve_teacher(source: str | Path, size: ModelSize) -> tuple[nn.Module, Tea
                 raise TeacherError(f"official teacher unavailable: {exc}") from exc
             if size not in SHIPPED:
                 raise TeacherError(
-                    f"official teacher unavailable ({exc}) and no offline PDN-{size.upper()} teacher "
-                    "ships with the package; pass --teacher FILE"
+                    f"official teacher unavailable ({exc}) and no offline PDN-{size.upper()} "
+                    "teacher ships with the package; pass --teacher FILE"
                 ) from exc
             log.warning("official teacher unavailable (%s); using the shipped offline teacher", exc)
             src = "shipped"
@@ -194,7 +200,9 @@ def resolve_teacher(source: str | Path, size: ModelSize) -> tuple[nn.Module, Tea
             raise TeacherError(f"no shipped PDN-{size.upper()} teacher; pass --teacher FILE")
         path = SHIPPED[size]
         pdn, meta = load_teacher_file(path, size)
-        details = {k: meta.get(k) for k in ("backbone", "steps", "batch", "final_loss", "num_images")}
+        details = {
+            k: meta.get(k) for k in ("backbone", "steps", "batch", "final_loss", "num_images")
+        }
         return pdn, TeacherInfo("shipped", path.name, sha256_file(path), details)
     path = Path(src)
     pdn, meta = load_teacher_file(path, size)

@@ -13,11 +13,9 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from tqdm import tqdm
 
@@ -33,6 +31,7 @@ from models.data import (
     split_train_validation,
     to_tensor,
 )
+from models.inference import resolve_device
 from models.losses import autoencoder_losses, hard_feature_loss, penalty_loss, robust_quantile
 from models.networks import EfficientAD, ModelSize, check_input_size
 from models.teacher import resolve_teacher
@@ -59,7 +58,9 @@ class TrainConfig:
     weight_decay: float = 1e-5
     hard_quantile: float = 0.999
     validation_fraction: float = 0.1
-    threshold_data: Path | None = None  # labelled validation set (good + defects) for an F1 threshold
+    threshold_data: Path | None = (
+        None  # labelled validation set (good + defects) for an F1 threshold
+    )
     threshold: float | None = None  # fixed threshold overrides both methods
     threshold_margin: float = 1.2
     padding: bool = False
@@ -71,12 +72,6 @@ class TrainConfig:
     progress: bool = True
     name: str | None = None
     max_penalty_images: int = 2000
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -114,8 +109,9 @@ def augment_ae(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_channel_stats(model: EfficientAD, images: torch.Tensor, device: torch.device,
-                          batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_channel_stats(
+    model: EfficientAD, images: torch.Tensor, device: torch.device, batch: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean/std of the raw teacher output over all training images."""
     s1 = s2 = None
     count = 0
@@ -131,8 +127,9 @@ def teacher_channel_stats(model: EfficientAD, images: torch.Tensor, device: torc
 
 
 @torch.no_grad()
-def fit_quantiles(model: EfficientAD, images: torch.Tensor, device: torch.device,
-                  batch: int = 8) -> dict[str, float]:
+def fit_quantiles(
+    model: EfficientAD, images: torch.Tensor, device: torch.device, batch: int = 8
+) -> dict[str, float]:
     """q_a / q_b of the raw (unpadded) ST and AE maps over the normal validation images."""
     st, ae = [], []
     for i in range(0, len(images), batch):
@@ -149,10 +146,13 @@ def fit_quantiles(model: EfficientAD, images: torch.Tensor, device: torch.device
 
 
 @torch.no_grad()
-def image_scores(model: EfficientAD, images: torch.Tensor, device: torch.device,
-                 batch: int = 8) -> np.ndarray:
-    out = [model(images[i : i + batch].to(device).float() / 255).score.cpu()
-           for i in range(0, len(images), batch)]
+def image_scores(
+    model: EfficientAD, images: torch.Tensor, device: torch.device, batch: int = 8
+) -> np.ndarray:
+    out = [
+        model(images[i : i + batch].to(device).float() / 255).score.cpu()
+        for i in range(0, len(images), batch)
+    ]
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
@@ -200,13 +200,17 @@ def train(cfg: TrainConfig) -> Path:
         dataset.train, cfg.validation_fraction, cfg.seed
     )
     if not val_samples:
-        log.warning("only %d training image(s): quantiles are fitted on training images",
-                    len(train_samples))
+        log.warning(
+            "only %d training image(s): quantiles are fitted on training images", len(train_samples)
+        )
         val_samples = train_samples
     train_images = _stack(train_samples, cfg.image_size)
     val_images = _stack(val_samples, cfg.image_size)
-    penalty = (load_penalty_bank(cfg.penalty_images, cfg.image_size, cfg.max_penalty_images,
-                                 cfg.seed) if cfg.penalty_images else None)
+    penalty = (
+        load_penalty_bank(cfg.penalty_images, cfg.image_size, cfg.max_penalty_images, cfg.seed)
+        if cfg.penalty_images
+        else None
+    )
     if penalty is None:
         log.warning("no --penalty-images: training without the paper's ImageNet penalty loss")
 
@@ -226,16 +230,23 @@ def train(cfg: TrainConfig) -> Path:
     work = Path(cfg.out) / "train_state"
     step = 0
     if cfg.resume and has_training_state(work):
-        step, _ = load_training_state(work, {"student": model.student, "ae": model.ae}, optimizer,
-                                      {"gen": gen})
+        step, _ = load_training_state(
+            work, {"student": model.student, "ae": model.ae}, optimizer, {"gen": gen}
+        )
         for _ in range(step):
             scheduler.step()
         log.info("resumed training at step %d", step)
 
     model.train()
     autocast = cfg.amp and device.type == "cuda"
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
     running: dict[str, float] = {}
     t_loop = time.time()
     start_step = step
@@ -267,16 +278,22 @@ def train(cfg: TrainConfig) -> Path:
         scheduler.step()
         step += 1
         if step % 10 == 0 or step == cfg.steps:
-            values = {"loss": loss, "hard": loss_hard, "pen": loss_pen, "ae": loss_ae,
-                      "stae": loss_stae}
+            values = {
+                "loss": loss,
+                "hard": loss_hard,
+                "pen": loss_pen,
+                "ae": loss_ae,
+                "stae": loss_stae,
+            }
             for key, val in values.items():
                 v = float(val.detach()) if torch.is_tensor(val) else float(val)
                 running[key] = 0.9 * running.get(key, v) + 0.1 * v
             bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()})
         bar.update(1)
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_training_state(work, {"student": model.student, "ae": model.ae}, optimizer, step,
-                                {}, {"gen": gen})
+            save_training_state(
+                work, {"student": model.student, "ae": model.ae}, optimizer, step, {}, {"gen": gen}
+            )
     bar.close()
     train_seconds = time.time() - t_loop
     if not all(math.isfinite(v) for v in running.values()):
@@ -309,12 +326,23 @@ def train(cfg: TrainConfig) -> Path:
         "score_min": score_min,
         "score_max": score_max,
         "quantiles": q,
-        "validation": {"normal_images": len(val_samples),
-                       "normal_scores": [round(float(v), 6) for v in normal_scores]},
-        "teacher": {"source": teacher_info.source, "location": teacher_info.location,
-                    "sha256": teacher_info.sha256, **teacher_info.details},
-        "dataset": {"root": str(cfg.data), "layout": dataset.layout, "name": dataset.name,
-                    "fingerprint": dataset.fingerprint(), "train_images": len(train_samples)},
+        "validation": {
+            "normal_images": len(val_samples),
+            "normal_scores": [round(float(v), 6) for v in normal_scores],
+        },
+        "teacher": {
+            "source": teacher_info.source,
+            "location": teacher_info.location,
+            "sha256": teacher_info.sha256,
+            **teacher_info.details,
+        },
+        "dataset": {
+            "root": str(cfg.data),
+            "layout": dataset.layout,
+            "name": dataset.name,
+            "fingerprint": dataset.fingerprint(),
+            "train_images": len(train_samples),
+        },
         "training": {
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
             "steps": step,

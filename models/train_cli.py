@@ -36,22 +36,34 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Train on DIR (MVTec category or folder layout; only normal images are used), "
         "calibrate quantiles and threshold on held-out normal images, write a model directory.",
     )
-    tr.add_argument("--data", type=Path, required=True, help="dataset root (MVTec category or folder)")
+    tr.add_argument(
+        "--data", type=Path, required=True, help="dataset root (MVTec category or folder)"
+    )
     tr.add_argument("--out", type=Path, required=True, help="model directory to write")
     tr.add_argument("--model-size", choices=["s", "m"], default="s")
     tr.add_argument("--steps", type=int, default=70_000, help="training steps (paper: 70000)")
-    tr.add_argument("--teacher", default="auto",
-                    help="auto | official | shipped | random | FILE (.pth anomalib/nelson1425 "
-                    "keys, .safetensors, or a model directory)")
+    tr.add_argument(
+        "--teacher",
+        default="auto",
+        help="auto | official | shipped | random | FILE (.pth anomalib/nelson1425 "
+        "keys, .safetensors, or a model directory)",
+    )
     tr.add_argument("--penalty-images", type=Path, help="ImageNet-like folder for the penalty loss")
     tr.add_argument("--seed", type=int, default=42)
     tr.add_argument("--image-size", type=_image_size, default=(256, 256), help="N or HxW (>= 256)")
     tr.add_argument("--validation-fraction", type=float, default=0.1)
-    tr.add_argument("--threshold-data", type=Path,
-                    help="labelled validation set (good + defects) for an F1-optimal threshold")
+    tr.add_argument(
+        "--threshold-data",
+        type=Path,
+        help="labelled validation set (good + defects) for an F1-optimal threshold",
+    )
     tr.add_argument("--threshold", type=float, help="fixed image threshold on the raw score")
-    tr.add_argument("--threshold-margin", type=float, default=1.2,
-                    help="without labelled data: threshold = margin x p99.5 of normal scores")
+    tr.add_argument(
+        "--threshold-margin",
+        type=float,
+        default=1.2,
+        help="without labelled data: threshold = margin x p99.5 of normal scores",
+    )
     tr.add_argument("--padding", action="store_true", help="PDN padding (sees border defects)")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--amp", action="store_true", help="bf16 mixed precision on CUDA")
@@ -67,8 +79,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "into a PDN teacher; output is a safetensors teacher accepted by `train --teacher`.",
     )
     di.add_argument("--backbone", default="wide_resnet101_2", choices=sorted(BACKBONES))
-    di.add_argument("--backbone-weights", type=Path,
-                    help="local torchvision state dict (.pth/.safetensors); default: download")
+    di.add_argument(
+        "--backbone-weights",
+        type=Path,
+        help="local torchvision state dict (.pth/.safetensors); default: download",
+    )
     di.add_argument("--images", type=Path, required=True, help="folder of ImageNet-like images")
     di.add_argument("--size", choices=["s", "m"], default="s")
     di.add_argument("--steps", type=int, default=60_000)
@@ -90,12 +105,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     from models.train import TrainConfig, train
 
     cfg = TrainConfig(
-        data=args.data, out=args.out, model_size=args.model_size, steps=args.steps,
-        teacher=args.teacher, penalty_images=args.penalty_images, seed=args.seed,
-        image_size=args.image_size, validation_fraction=args.validation_fraction,
-        threshold_data=args.threshold_data, threshold=args.threshold,
-        threshold_margin=args.threshold_margin, padding=args.padding, device=args.device,
-        amp=args.amp, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        data=args.data,
+        out=args.out,
+        model_size=args.model_size,
+        steps=args.steps,
+        teacher=args.teacher,
+        penalty_images=args.penalty_images,
+        seed=args.seed,
+        image_size=args.image_size,
+        validation_fraction=args.validation_fraction,
+        threshold_data=args.threshold_data,
+        threshold=args.threshold,
+        threshold_margin=args.threshold_margin,
+        padding=args.padding,
+        device=args.device,
+        amp=args.amp,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
         progress=not args.no_progress,
     )
     try:
@@ -104,10 +130,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     meta = json.loads((out / "model.json").read_text())
-    print(json.dumps({"model": str(out), "threshold": meta["threshold"],
-                      "threshold_method": meta["threshold_method"],
-                      "steps_per_second": meta["training"]["steps_per_second"],
-                      "teacher": meta["teacher"]["source"]}))
+    print(
+        json.dumps(
+            {
+                "model": str(out),
+                "threshold": meta["threshold"],
+                "threshold_method": meta["threshold_method"],
+                "steps_per_second": meta["training"]["steps_per_second"],
+                "teacher": meta["teacher"]["source"],
+            }
+        )
+    )
     return EXIT_OK
 
 
@@ -116,11 +149,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from models.distill import DistillConfig, DistillError, distill
 
     cfg = DistillConfig(
-        images=args.images, out=args.out, backbone=args.backbone,
-        backbone_weights=args.backbone_weights, size=args.size, steps=args.steps,
-        batch=args.batch, stat_samples=args.stat_samples, seed=args.seed, device=args.device,
-        out_dtype="fp16" if args.fp16 else "fp32", checkpoint_every=args.checkpoint_every,
-        resume=args.resume, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+        images=args.images,
+        out=args.out,
+        backbone=args.backbone,
+        backbone_weights=args.backbone_weights,
+        size=args.size,
+        steps=args.steps,
+        batch=args.batch,
+        stat_samples=args.stat_samples,
+        seed=args.seed,
+        device=args.device,
+        out_dtype="fp16" if args.fp16 else "fp32",
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
     )
     try:
         path = distill(cfg)

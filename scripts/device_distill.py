@@ -71,8 +71,10 @@ def main() -> None:
         work_dir=Path("/tmp/distill.work"),
         extra_meta={
             "backbone_weights_origin": "torchvision mobilenet_v2 IMAGENET1K_V1 "
-            "(sha256 b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889), cast to fp16",
-            "images_origin": "1000 ImageNet-1k sample images (one per class), JPEG q85, long side 512",
+            "(sha256 b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889), "
+            "cast to fp16",
+            "images_origin": "1000 ImageNet-1k sample images (one per class), JPEG q85, "
+            "long side 512",
         },
     )
     path = distill(cfg)

@@ -28,21 +28,36 @@ TEACHERS = ("shipped", "random")
 
 def run_one(data: Path, teacher: str, steps: int, penalty: Path, work: Path) -> dict:
     t0 = time.time()
-    model_dir = train(TrainConfig(data=data, out=work / f"{data.name}-{teacher}", steps=steps,
-                                  teacher=teacher, penalty_images=penalty, seed=42,
-                                  progress=False, checkpoint_every=10**9))
+    model_dir = train(
+        TrainConfig(
+            data=data,
+            out=work / f"{data.name}-{teacher}",
+            steps=steps,
+            teacher=teacher,
+            penalty_images=penalty,
+            seed=42,
+            progress=False,
+            checkpoint_every=10**9,
+        )
+    )
     meta = json.loads((model_dir / "model.json").read_text())
     report = evaluate(InferenceEngine.load(model_dir), discover_dataset(data), batch_size=16)
     m = report.overall
     return {
-        "dataset": data.name, "teacher": teacher, "steps": steps,
-        "image_auroc": m.image_auroc, "image_f1": m.image_f1, "pixel_auroc": m.pixel_auroc,
+        "dataset": data.name,
+        "teacher": teacher,
+        "steps": steps,
+        "image_auroc": m.image_auroc,
+        "image_f1": m.image_f1,
+        "pixel_auroc": m.pixel_auroc,
         "au_pro": m.au_pro,
         "f1_at_threshold": m.at_model_threshold.f1 if m.at_model_threshold else None,
         "train_steps_per_s": meta["training"]["steps_per_second"],
         "seconds": round(time.time() - t0, 1),
-        "per_type": {k: {"image_auroc": v.image_auroc, "au_pro": v.au_pro}
-                     for k, v in report.per_type.items()},
+        "per_type": {
+            k: {"image_auroc": v.image_auroc, "au_pro": v.au_pro}
+            for k, v in report.per_type.items()
+        },
     }
 
 
@@ -57,8 +72,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")
     work = Path("/tmp/teacher-comparison")
-    results: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                     "torch": torch.__version__, "runs": []}
+    results: dict = {
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "runs": [],
+    }
     datasets = [args.data / name for name in DATASETS if (args.data / name).is_dir()]
     steps = args.steps
     if steps <= 0:
@@ -75,8 +93,22 @@ def main() -> None:
             row = run_one(data, teacher, steps, args.penalty, work)
             results["runs"].append(row)
             (args.out / "results.json").write_text(json.dumps(results, indent=1))
-            print(json.dumps({k: row[k] for k in ("dataset", "teacher", "image_auroc", "au_pro",
-                                                   "image_f1", "seconds")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: row[k]
+                        for k in (
+                            "dataset",
+                            "teacher",
+                            "image_auroc",
+                            "au_pro",
+                            "image_f1",
+                            "seconds",
+                        )
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
