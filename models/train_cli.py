@@ -1,4 +1,4 @@
-"""CLI for training, teacher distillation and anomalib import (logic lives in the modules)."""
+"""CLI for training and teacher distillation (the logic lives in the modules)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Add ``train``, ``distill`` and ``import-anomalib``."""
+    """Add ``train`` and ``distill``."""
     tr = subparsers.add_parser(
         "train",
         help="train an EfficientAD model on normal images (paper recipe by default)",
