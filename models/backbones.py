@@ -16,7 +16,7 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from models.checkpoint import sha256_file
+from models.checkpoint import read_safetensors, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,7 @@ def get_spec(name: str) -> BackboneSpec:
 
 def _load_weights_file(model: nn.Module, path: Path) -> None:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = read_safetensors(path, BackboneError)
     else:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -76,6 +76,14 @@ def save_checkpoint(model: EfficientAD, meta: dict[str, Any], out_dir: Path) -> 
     return out_dir
 
 
+def read_safetensors(path: Path, error: type[Exception]) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; anything else (a pickle, a truncated file) is ``error``."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise error(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     path = Path(path)
     meta_path = path / META_FILE if path.is_dir() else path.with_name(META_FILE)
@@ -85,6 +93,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{meta_path}: invalid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
@@ -105,7 +115,7 @@ def load_checkpoint(path: Path, verify_hash: bool = True) -> tuple[EfficientAD, 
     model = EfficientAD(
         size, padding=bool(meta.get("padding", False)), pad_maps=bool(meta.get("pad_maps", True))
     )
-    load_state(model, load_file(str(weights)), source=str(weights))
+    load_state(model, read_safetensors(weights, CheckpointError), source=str(weights))
     model.eval()
     return model, meta
 

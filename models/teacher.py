@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from models.checkpoint import (
     WEIGHTS_FILE,
     CheckpointError,
     load_state,
+    read_safetensors,
     read_safetensors_metadata,
     sha256_file,
 )
@@ -93,15 +93,17 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> Path:
     return dest
 
 
-def fetch_official(size: ModelSize, url: str | None = None, sha256: str | None = None) -> Path:
-    """Path to anomalib's released teacher for this size, downloading the zip once if needed."""
+def fetch_official(
+    size: ModelSize, url: str | None = None, sha256: str | None = None
+) -> tuple[Path, str]:
+    """(path, url) of anomalib's released teacher for this size; downloads the zip once."""
     url = url or os.environ.get("EFFICIENTAD_TEACHER_URL", OFFICIAL_URL)
     sha256 = sha256 or os.environ.get("EFFICIENTAD_TEACHER_SHA256", OFFICIAL_SHA256)
     folder = cache_dir() / "official" / sha256[:16]
     member = OFFICIAL_MEMBERS[size]
     target = folder / member
     if target.is_file():
-        return target
+        return target, url
     archive = download(url, folder / "efficientad_pretrained_weights.zip", sha256)
     with zipfile.ZipFile(archive) as zf:
         names = [n for n in zf.namelist() if n.endswith("/" + member) or n == member]
@@ -110,7 +112,7 @@ def fetch_official(size: ModelSize, url: str | None = None, sha256: str | None =
         with zf.open(names[0]) as src, open(target.with_suffix(".part"), "wb") as dst:
             shutil.copyfileobj(src, dst)
     target.with_suffix(".part").replace(target)
-    return target
+    return target, url
 
 
 def _normalise_keys(state: dict[str, torch.Tensor], size: ModelSize) -> dict[str, torch.Tensor]:
@@ -138,7 +140,7 @@ def _normalise_keys(state: dict[str, torch.Tensor], size: ModelSize) -> dict[str
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_safetensors(path, TeacherError)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle payloads that are not plain tensors are refused
@@ -182,9 +184,9 @@ def resolve_teacher(source: str | Path, size: ModelSize) -> tuple[nn.Module, Tea
         return build_pdn(size, TEACHER_CHANNELS).eval(), TeacherInfo("random", "random", None, {})
     if src in ("auto", "official"):
         try:
-            path = fetch_official(size)
+            path, url = fetch_official(size)
             pdn, _ = load_teacher_file(path, size)
-            return pdn, TeacherInfo("official", str(path), sha256_file(path), {"url": OFFICIAL_URL})
+            return pdn, TeacherInfo("official", str(path), sha256_file(path), {"url": url})
         except (OSError, TeacherError) as exc:
             if src == "official":
                 raise TeacherError(f"official teacher unavailable: {exc}") from exc

@@ -228,14 +228,16 @@ def train(cfg: TrainConfig) -> Path:
         optimizer, step_size=max(1, int(0.95 * cfg.steps)), gamma=0.1
     )
     work = Path(cfg.out) / "train_state"
+    modules = {"student": model.student, "ae": model.ae}
+    # the global generator drives dropout; saving it makes a resumed run repeat an unbroken one
+    generators = {"gen": gen, "torch": torch.default_generator}
     step = 0
     if cfg.resume and has_training_state(work):
-        step, _ = load_training_state(
-            work, {"student": model.student, "ae": model.ae}, optimizer, {"gen": gen}
-        )
-        for _ in range(step):
-            scheduler.step()
+        step, _ = load_training_state(work, modules, optimizer, generators)
+        scheduler.last_epoch = step  # the optimizer state already holds the (decayed) lr
         log.info("resumed training at step %d", step)
+    elif cfg.resume:
+        log.warning("--resume: no training state in %s; starting from step 0", work)
 
     model.train()
     autocast = cfg.amp and device.type == "cuda"
@@ -291,10 +293,10 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()})
         bar.update(1)
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_training_state(
-                work, {"student": model.student, "ae": model.ae}, optimizer, step, {}, {"gen": gen}
-            )
+            save_training_state(work, modules, optimizer, step, {}, generators)
     bar.close()
+    # kept so `--resume --steps MORE` can extend a finished run; inference never reads it
+    save_training_state(work, modules, optimizer, step, {}, generators)
     train_seconds = time.time() - t_loop
     if not all(math.isfinite(v) for v in running.values()):
         raise FloatingPointError(f"training diverged: losses {running}")

@@ -129,6 +129,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (DataError, TeacherError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
+    except FloatingPointError as exc:
+        log.error("%s", exc)
+        return EXIT_FAIL
     meta = json.loads((out / "model.json").read_text())
     print(
         json.dumps(

@@ -19,7 +19,7 @@ from pipeline.config import (
     ConfigError,
     LineConfig,
     add_config_arguments,
-    config_from_args,
+    load_command_config,
 )
 from pipeline.observability import (
     StatusEvent,
@@ -108,16 +108,6 @@ def _roi(text: str) -> tuple[int, int, int, int]:
     return x, y, w, h
 
 
-def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> LineConfig | None:
-    try:
-        config = config_from_args(args, overrides)
-    except ConfigError as exc:
-        print(f"efficientad: {exc}", file=sys.stderr)
-        return None
-    setup_logging(config.logging.level, config.logging.json_logs)
-    return config
-
-
 def _stop_on_signals(stop: threading.Event) -> None:
     def handler(signum: int, _frame: object) -> None:
         log.info("signal received, stopping", extra={"signal": signal.Signals(signum).name})
@@ -161,7 +151,7 @@ def _selected_cameras(config: LineConfig, args: argparse.Namespace) -> list[Came
 def cmd_capture(args: argparse.Namespace) -> int:
     from pipeline.capture import CaptureStats, run_capture
 
-    config = _load(args)
+    config = load_command_config(args)
     if config is None:
         return EXIT_CONFIG_ERROR
     try:
@@ -242,7 +232,7 @@ def _status(client: Any, keys: Any, event: str, detail: dict[str, Any]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = load_command_config(args)
     if config is None:
         return EXIT_CONFIG_ERROR
     if args.workers is not None and args.workers < 1:

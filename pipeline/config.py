@@ -515,3 +515,21 @@ def config_from_args(
         flat["metrics.enabled"] = False
     merged = _deep_merge(_expand_dotted(flat), _expand_dotted(dict(overrides or {})))
     return load_config(getattr(args, "config", None), merged)
+
+
+def load_command_config(
+    args: argparse.Namespace, overrides: Mapping[str, Any] | None = None
+) -> LineConfig | None:
+    """``config_from_args`` for a CLI command: prints a bad config's error and returns None;
+    otherwise sets up logging as configured."""
+    import sys
+
+    from pipeline.observability import setup_logging
+
+    try:
+        config = config_from_args(args, overrides)
+    except ConfigError as exc:
+        print(f"efficientad: {exc}", file=sys.stderr)
+        return None
+    setup_logging(config.logging.level, config.logging.json_logs)
+    return config

@@ -36,6 +36,7 @@ from redis.lock import Lock
 
 from pipeline import observability as obs
 from pipeline.alarms import AlarmStateMachine, AlarmTransition, IgnoreMask
+from pipeline.redis_conn import ensure_group, is_cluster
 from pipeline.stage_settings import PublisherSettings
 from pipeline.wire import (
     AlarmEvent,
@@ -138,7 +139,7 @@ class AlarmPublisher:
         self.owned: dict[str, CameraState] = {}
         self.stats = PublisherStats()
         self._stop = threading.Event()
-        self._is_cluster = type(client).__name__ == "RedisCluster"
+        self._is_cluster = is_cluster(client)
         self._next_lease_check = 0.0
 
     # ------------------------------------------------------------------------------- control
@@ -234,13 +235,7 @@ class AlarmPublisher:
             self._ensure_group(cam)
 
     def _ensure_group(self, cam: str) -> None:
-        try:
-            self.client.xgroup_create(
-                self.keys.results(cam), self.settings.group, id="0", mkstream=True
-            )
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self.client, self.keys.results(cam), self.settings.group)
 
     def _maintain_leases(self) -> None:
         for cam in list(self.owned):
@@ -422,7 +417,10 @@ class AlarmPublisher:
                 )
             )
             return
-        if frame_key <= state.hwm or frame_key in state.buffer:
+        held = state.buffer.get(frame_key)
+        if held is not None and held.entry_id == entry_id:
+            return  # the same entry again (adopted, then re-read from our own pending list)
+        if frame_key <= state.hwm or held is not None:
             state.to_ack.append(entry_id)  # redelivered, duplicate, or too late to matter
             self.stats.duplicates += 1
             obs.DUPLICATES.labels(state.cam).inc()

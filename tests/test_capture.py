@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,21 +19,10 @@ from pipeline.capture import CaptureStats, run_capture
 from pipeline.config import CameraSettings
 from pipeline.redis_conn import EmbeddedRedis
 from pipeline.wire import FrameMessage, StreamKeys, decode_image
+from tests import pipeline_support
 
-
-@pytest.fixture
-def client() -> Iterator[redis.Redis]:
-    conn = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5)
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def keys(client: redis.Redis) -> Iterator[StreamKeys]:
-    prefix = f"test-capture-{uuid.uuid4().hex[:8]}:"
-    yield StreamKeys(prefix)
-    for key in client.scan_iter(match=f"{prefix}*"):
-        client.delete(key)
+client = pipeline_support.client  # fixtures: real Redis, per-test key prefix
+keys = pipeline_support.keys
 
 
 def make_images(folder: Path, n: int, h: int = 48, w: int = 64, grey: bool = False) -> list:

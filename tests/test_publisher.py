@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -22,29 +21,14 @@ from pipeline.wire import (
     StreamKeys,
     encode_image,
 )
+from tests import pipeline_support
 from worker.postprocess import postprocess
+
+client = pipeline_support.client  # fixtures: real Redis, per-test key prefix
+keys = pipeline_support.keys
 
 CAM = "cam1"
 WORKERS = "workers"
-
-
-@pytest.fixture
-def client() -> Iterator[redis.Redis]:
-    r = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=10)
-    try:
-        r.ping()
-    except redis.ConnectionError:
-        pytest.skip("needs a Redis server at 127.0.0.1:6379")
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def keys(client: redis.Redis) -> Iterator[StreamKeys]:
-    prefix = f"test-pub-{uuid.uuid4().hex[:8]}:"
-    yield StreamKeys(prefix)
-    for key in client.scan_iter(match=f"{prefix}*", count=1000):
-        client.delete(key)
 
 
 def settings(**kw) -> PublisherSettings:
@@ -259,6 +243,7 @@ def test_restarted_publisher_continues_the_open_alarm(client, keys):
     assert got[0].publisher == "pubA" and got[1].publisher == "pubB"
     assert got[1].anomalous_count == 7 and got[1].peak_frame_id == line.frame_ids[5]
     assert second.stats.acquired == 1
+    assert second.stats.duplicates == 0  # adopted results are not redeliveries
     second.close()
 
 

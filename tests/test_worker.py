@@ -13,8 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -28,10 +26,14 @@ from models.checkpoint import save_checkpoint
 from models.inference import InferenceEngine, ModelInfo
 from models.networks import EfficientAD
 from pipeline.stage_settings import WorkerSettings
-from pipeline.wire import FrameMessage, ResultMessage, StreamKeys, encode_image, original_fields
+from pipeline.wire import FrameMessage, ResultMessage, encode_image, original_fields
+from tests import pipeline_support
 from worker.batching import BatchCollector
 from worker.decode import decode_frames
 from worker.service import FrameEntry, FrameWorker, _Outcome
+
+client = pipeline_support.client  # fixtures: real Redis, per-test key prefix
+keys = pipeline_support.keys
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 48, 64
@@ -73,25 +75,6 @@ def engine(calibration) -> InferenceEngine:
     return InferenceEngine.from_model(random_model(), info, device="cpu")
 
 
-@pytest.fixture
-def client() -> Iterator[redis.Redis]:
-    r = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=10)
-    try:
-        r.ping()
-    except redis.ConnectionError:
-        pytest.skip("needs a Redis server at 127.0.0.1:6379")
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def keys(client: redis.Redis) -> Iterator[StreamKeys]:
-    prefix = f"test-wk-{uuid.uuid4().hex[:8]}:"
-    yield StreamKeys(prefix)
-    for key in client.scan_iter(match=f"{prefix}*", count=1000):
-        client.delete(key)
-
-
 def settings(**kw) -> WorkerSettings:
     base = {"batch_size": 4, "max_wait_ms": 200, "block_ms": 50, "claim_interval_s": 3600}
     return WorkerSettings(**{**base, **kw})
@@ -127,6 +110,23 @@ def pending(client, keys, cam, group="workers") -> int:
         return int(client.xpending(keys.frames(cam), group)["pending"])
     except redis.ResponseError:  # the group does not exist (yet)
         return 0
+
+
+def small_result(cam: str, frame_id: str, msg: FrameMessage) -> ResultMessage:
+    """A normal result for ``frame_id`` as a worker would publish it."""
+    return ResultMessage(
+        cam=cam,
+        frame_id=frame_id,
+        seq=msg.seq,
+        ts_ns=msg.ts_ns,
+        score=0.1,
+        score_norm=0.1,
+        anomalous=False,
+        threshold=1.0,
+        model="rand",
+        map_w=8,
+        map_h=8,
+    )
 
 
 # ------------------------------------------------------------------------------- unit pieces
@@ -172,14 +172,14 @@ def test_every_frame_gets_exactly_one_result_in_one_transaction(client, keys, en
         ]
         for cam in cams
     }
-    commands: list[str] = []
+    commands: list[tuple[str, str]] = []
     ready = threading.Event()
 
     def monitor() -> None:
         with redis.Redis(host="127.0.0.1", port=6379, socket_timeout=120).monitor() as mon:
             ready.set()
             for cmd in mon.listen():
-                commands.append(cmd["command"])
+                commands.append((cmd["client_type"], cmd["command"]))
                 if f"{keys.prefix}STOP" in cmd["command"]:
                     return
 
@@ -210,16 +210,18 @@ def test_every_frame_gets_exactly_one_result_in_one_transaction(client, keys, en
         assert anomalous.worker == "w-test" and anomalous.frame_w == W
         assert anomalous.t_infer_ms > 0 and anomalous.t_total_ms >= anomalous.t_queue_ms
 
-    # each XACK shares its MULTI/EXEC with the XADD of that frame's result
-    blocks, block = [], None
-    for cmd in commands:
-        if cmd == "MULTI":
-            block = []
-        elif cmd == "EXEC" and block is not None:
+    # each XACK runs in the same atomic script call as the XADD of that frame's result, and
+    # no frame is acked outside one
+    blocks: list[list[str]] = []
+    block: list[str] | None = None
+    for client_type, cmd in commands:
+        if client_type == "lua":
+            block = [] if block is None else block
+            block.append(cmd)
+        elif block is not None:
             blocks.append(block)
             block = None
-        elif block is not None:
-            block.append(cmd)
+        assert client_type == "lua" or not cmd.startswith("XACK"), cmd
     for cam in cams:
         for frame_id in ids[cam]:
             acks = [
@@ -322,22 +324,13 @@ def test_a_result_for_a_frame_acked_elsewhere_is_removed(client, keys, engine):
     client.xack(keys.frames(cam), "workers", frame_id)  # the peer already published and acked
     client.xadd(keys.results(cam), {"peer": "result"})
     msg = FrameMessage.from_fields(client.xrange(keys.frames(cam))[0][1])
-    late = ResultMessage(
-        cam=cam,
-        frame_id=frame_id,
-        seq=0,
-        ts_ns=msg.ts_ns,
-        score=0.1,
-        score_norm=0.1,
-        anomalous=False,
-        threshold=1.0,
-        model="rand",
-        map_w=8,
-        map_h=8,
-    )
+    late = small_result(cam, frame_id, msg)
     entry = FrameEntry(cam, frame_id, {}, time.time_ns(), frame=msg)
     worker._publish_camera(cam, [_Outcome(entry, result=late)])
     assert client.xlen(keys.results(cam)) == 1 and worker.stats.duplicates == 1
+    # not even briefly: a reader between an add and a later delete would have seen two results
+    assert client.xinfo_stream(keys.results(cam))["entries-added"] == 1
+    assert worker.stats.results == 0
 
 
 def test_sigterm_finishes_the_in_flight_batch_and_exits_cleanly(client, keys, engine, tmp_path):
@@ -408,21 +401,82 @@ def test_a_result_that_cannot_be_written_is_kept_as_a_dead_letter(client, keys, 
     ((_, items),) = client.xreadgroup("workers", "w1", {keys.frames(cam): ">"})
     client.set(keys.results(cam), "not a stream")  # misconfiguration: WRONGTYPE at EXEC
     msg = FrameMessage.from_fields(items[0][1])
-    result = ResultMessage(
-        cam=cam,
-        frame_id=frame_id,
-        seq=0,
-        ts_ns=msg.ts_ns,
-        score=0.1,
-        score_norm=0.1,
-        anomalous=False,
-        threshold=1.0,
-        model="rand",
-        map_w=8,
-        map_h=8,
-    )
+    result = small_result(cam, frame_id, msg)
     entry = FrameEntry(cam, frame_id, items[0][1], time.time_ns(), frame=msg)
     worker._publish_camera(cam, [_Outcome(entry, result=result)])
     (dead,) = deadletters(client, keys, cam)
     assert dead["reason"] == b"publish_failed" and b"WRONGTYPE" in dead["detail"]
     assert dead["data"] == items[0][1][b"data"] and pending(client, keys, cam) == 0
+
+
+def test_a_frame_is_never_acked_without_a_result_or_dead_letter(client, keys, engine):
+    """When neither the result nor the dead letter can be written, the frame stays pending."""
+    cam = "cam1"
+    worker = FrameWorker(client, keys, settings(), {cam: engine}, consumer="w1")
+    worker.ensure_groups()
+    frame_id = add_frame(client, keys, cam, 0)
+    ((_, items),) = client.xreadgroup("workers", "w1", {keys.frames(cam): ">"})
+    client.set(keys.results(cam), "not a stream")
+    client.set(keys.deadletter(cam), "not a stream either")
+    msg = FrameMessage.from_fields(items[0][1])
+    entry = FrameEntry(cam, frame_id, items[0][1], time.time_ns(), frame=msg)
+    worker._publish_camera(cam, [_Outcome(entry, result=small_result(cam, frame_id, msg))])
+    assert pending(client, keys, cam) == 1  # kept for a retry, not acked into nothing
+    assert worker.stats.results == 0 and not worker.stats.dead_letters
+
+
+def test_a_junk_entry_with_thousands_of_fields_is_dead_lettered(client, keys, engine):
+    cam = "cam1"
+    worker = FrameWorker(client, keys, settings(max_wait_ms=0), {cam: engine})
+    worker.ensure_groups()
+    client.xadd(keys.frames(cam), {f"f{i}": i for i in range(10_000)})
+    stats = worker.run(idle_exit_s=0.5)
+    (dead,) = deadletters(client, keys, cam)
+    assert dead["reason"] == b"malformed" and stats.dead_letters["malformed"] == 1
+    assert pending(client, keys, cam) == 0
+
+
+class FlakyEngine:
+    """The real engine, except that it raises on frames whose pixels are all ``bad_value``."""
+
+    def __init__(self, engine: InferenceEngine, bad_value: int | None) -> None:
+        self.engine, self.bad_value = engine, bad_value
+        self.info, self.device = engine.info, engine.device
+        self.calls = 0
+
+    def predict(self, batch: torch.Tensor):
+        self.calls += 1
+        if self.bad_value is None or any(bool((img == self.bad_value).all()) for img in batch):
+            raise RuntimeError("simulated model failure")
+        return self.engine.predict(batch)
+
+
+def test_a_frame_that_breaks_the_model_ends_as_poison_without_a_crash(
+    client, keys, engine, monkeypatch
+):
+    monkeypatch.setattr("worker.service.MODEL_RETRY_DELAY_S", 0.05)
+    cam = "cam1"
+    flaky = FlakyEngine(engine, bad_value=7)
+    cfg = settings(max_deliveries=2, max_wait_ms=100, batch_size=3)
+    worker = FrameWorker(client, keys, cfg, {cam: flaky}, consumer="w1")
+    worker.ensure_groups()
+    good = [add_frame(client, keys, cam, 0), add_frame(client, keys, cam, 2)]
+    bad = add_frame(client, keys, cam, 1, img=np.full((H, W, 3), 7, np.uint8), enc="png")
+    stats = worker.run(idle_exit_s=0.3)  # before the fix: RuntimeError out of run
+    assert sorted(r.frame_id for r in results(client, keys, cam)) == good
+    (dead,) = deadletters(client, keys, cam)
+    assert dead["reason"] == b"poison" and dead["source_id"].decode() == bad
+    assert stats.results == 2 and pending(client, keys, cam) == 0
+    # the batch, then the bad frame alone on its first and second delivery
+    assert flaky.calls == 1 + 3 + 1
+
+
+def test_a_broken_engine_stops_the_worker_and_leaves_frames_pending(client, keys, engine):
+    cam = "cam1"
+    worker = FrameWorker(client, keys, settings(max_wait_ms=0), {cam: FlakyEngine(engine, None)})
+    worker.ensure_groups()
+    for i in range(4):
+        add_frame(client, keys, cam, i)
+    with pytest.raises(RuntimeError, match="different frames in a row"):
+        worker.run(idle_exit_s=5)
+    assert pending(client, keys, cam) == 4 and deadletters(client, keys, cam) == []

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import ConfigError, LineConfig, add_config_arguments, config_from_args
+from pipeline.config import ConfigError, LineConfig, add_config_arguments, load_command_config
 
 if TYPE_CHECKING:
     import redis
@@ -101,18 +101,6 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> LineConfig | None:
-    from pipeline.observability import setup_logging
-
-    try:
-        config = config_from_args(args, overrides)
-    except ConfigError as exc:
-        print(f"efficientad: {exc}", file=sys.stderr)
-        return None
-    setup_logging(config.logging.level, config.logging.json_logs)
-    return config
-
-
 def _connect(config: LineConfig, name: str) -> redis.Redis | None:
     from pipeline.redis_conn import RedisUnavailableError, RedisVersionError, connect
 
@@ -177,7 +165,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             overrides[f"worker.{key}"] = getattr(args, flag)
     if args.consumer:
         overrides["worker.consumer"] = args.consumer
-    config = _load(args, overrides)
+    config = load_command_config(args, overrides)
     if config is None:
         return EXIT_CONFIG_ERROR
     cameras = _cameras(config, args.camera, "worker")
@@ -212,7 +200,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from pipeline.publisher import AlarmPublisher
 
     overrides = {"publisher.consumer": args.name} if args.name else None
-    config = _load(args, overrides)
+    config = load_command_config(args, overrides)
     if config is None:
         return EXIT_CONFIG_ERROR
     cameras = _cameras(config, args.camera, "publish")
@@ -248,7 +236,7 @@ def cmd_alarms(args: argparse.Namespace) -> int:
     from pipeline.subscribe import print_alarms
 
     args.no_metrics = True  # a terminal tool: no HTTP port
-    config = _load(args)
+    config = load_command_config(args)
     if config is None:
         return EXIT_CONFIG_ERROR
     client = _connect(config, "alarms-cli")

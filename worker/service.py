@@ -8,12 +8,16 @@ Delivery rules (Redis Streams is at-least-once; see research/streaming.md sectio
   ``claim_min_idle_ms`` (a dead or hung worker), its own lost ones included.
 - A re-read or claimed entry runs alone (batch of 1), so a frame that kills the process only
   raises its own delivery count; once that count exceeds ``max_deliveries`` it is dead-lettered.
-- The result XADD and the frame XACK go in ONE MULTI/EXEC per camera (all keys share the
-  ``{cam}`` hash tag, so this works on Redis Cluster). The XACK comes first: if it acked nothing,
-  another worker already published that frame and our copy of the result is deleted again, so
-  each frame keeps exactly one result even when a slow worker's entry was claimed under it.
+  A frame the model raises on is retried alone, stays pending meanwhile and is re-read after a
+  pause (raising its count) instead of crashing the worker; failures on several different frames
+  in a row mean a broken engine, and then the worker exits for its supervisor to restart it.
+- The result XADD and the frame XACK run in ONE atomic script call per camera and batch (all
+  keys share the ``{cam}`` hash tag, so this works on Redis Cluster). Per frame the script adds
+  the result only while the frame is still pending in the group and acks it only once the result
+  exists: a slow worker whose frame a peer claimed and finished adds no second result (no reader
+  ever sees one), and no frame is acked without a record of what became of it.
 - Frames that cannot be used (malformed, oversize, undecodable, poison, too old, trimmed) go to
-  ``deadletter:{cam}`` with a reason in the same transaction as their XACK: nothing vanishes.
+  ``deadletter:{cam}`` with a reason in the same atomic step as their XACK: nothing vanishes.
 - SIGTERM/SIGINT: stop reading, finish every frame already read, publish, ack, exit 0.
 
 Throughput: the main thread reads, decodes and runs the model; a second thread turns the maps
@@ -38,8 +42,10 @@ import redis
 import torch
 
 from pipeline import observability as obs
+from pipeline.redis_conn import ensure_group, is_cluster
 from pipeline.stage_settings import WorkerSettings
 from pipeline.wire import (
+    FieldMap,
     FrameMessage,
     ResultMessage,
     StreamKeys,
@@ -54,6 +60,42 @@ if TYPE_CHECKING:
     from models.inference import BatchPrediction, InferenceEngine
 
 log = logging.getLogger(__name__)
+
+# KEYS: frames, results, deadletter of one camera (one hash tag: one Cluster slot).
+# ARGV: group, results MAXLEN, deadletter MAXLEN, then per frame: entry id, "r" (result) or "d"
+# (dead letter), field count, fields... Per frame it returns the new entry id, 0 when the frame is
+# no longer pending (a peer finished it), or "!<error>" when the XADD failed (frame left pending).
+# A script runs atomically, so no reader ever sees a second entry for a frame, and a frame is only
+# acked after its entry exists.
+MODEL_RETRY_DELAY_S = 1.0  # pause before re-reading a frame the model failed on
+BROKEN_ENGINE_FAILURES = 3  # different frames failing in a row: the engine, not the frames
+MAX_DEADLETTER_FIELDS = 256  # original fields copied into a dead letter
+
+PUBLISH_SCRIPT = """
+local group = ARGV[1]
+local out = {}
+local i = 4
+while i <= #ARGV do
+  local id, kind, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  if #redis.call('XPENDING', KEYS[1], group, id, id, 1) == 0 then
+    out[#out + 1] = 0
+  else
+    local key, maxlen = KEYS[2], ARGV[2]
+    if kind == 'd' then key, maxlen = KEYS[3], ARGV[3] end
+    local cmd = {'XADD', key, 'MAXLEN', '~', maxlen, '*'}
+    for j = i + 3, i + 2 + n do cmd[#cmd + 1] = ARGV[j] end
+    local added = redis.pcall(unpack(cmd))
+    if type(added) == 'table' and added.err then
+      out[#out + 1] = '!' .. added.err
+    else
+      redis.call('XACK', KEYS[1], group, id)
+      out[#out + 1] = added
+    end
+  end
+  i = i + 3 + n
+end
+return out
+"""
 
 
 def _text(value: bytes | str) -> str:
@@ -175,6 +217,8 @@ class FrameWorker:
         self.consumer = consumer or settings.consumer_name()
         self.cameras = sorted(self.engines)
         self._stop = threading.Event()
+        self._retry_at: float | None = None  # when to re-read frames the model failed on
+        self._failing: set[tuple[str, str]] = set()  # frames failed since the last success
         self._collectors: dict[int, BatchCollector[FrameEntry]] = {}
         self._engine_by_id: dict[int, InferenceEngine] = {}
         for engine in self.engines.values():
@@ -185,8 +229,9 @@ class FrameWorker:
                     settings.batch_size, settings.max_wait_ms / 1000.0
                 )
         self._claim_cursor = dict.fromkeys(self.cameras, "0-0")
-        self._is_cluster = type(client).__name__ == "RedisCluster"
+        self._is_cluster = is_cluster(client)
         self._background = _Background()
+        self._publish_script = client.register_script(PUBLISH_SCRIPT)
         self.stats = WorkerStats()
 
     # ------------------------------------------------------------------------------- control
@@ -223,8 +268,12 @@ class FrameWorker:
         try:
             while not self.stopping:
                 try:
-                    if need_recovery:
-                        self.recover_own_pending()
+                    if need_recovery or self._retry_due():
+                        self._retry_at = None
+                        self._process_ready(force=True)  # so only stranded frames are re-read
+                        self._background.drain()
+                        if self.recover_own_pending():
+                            last_work = time.monotonic()
                         need_recovery = False
                     if time.monotonic() >= next_claim:
                         self.claim_abandoned()
@@ -247,7 +296,8 @@ class FrameWorker:
                     self._stop.wait(1.0)
                 if max_results is not None and self.stats.results >= max_results:
                     break
-                if idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
+                idle_s = time.monotonic() - last_work
+                if idle_exit_s is not None and idle_s > idle_exit_s and self._retry_at is None:
                     break
             self._process_ready(force=True)
             self._background.drain()
@@ -269,16 +319,8 @@ class FrameWorker:
 
     def ensure_groups(self) -> None:
         for cam in self.cameras:
-            try:
-                self.client.xgroup_create(
-                    self.keys.frames(cam),
-                    self.settings.group,
-                    id=self.settings.create_group_from,
-                    mkstream=True,
-                )
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            frames, start = self.keys.frames(cam), self.settings.create_group_from
+            ensure_group(self.client, frames, self.settings.group, start)
 
     def _read_once(self) -> int:
         """One XREADGROUP ">" over all cameras; blocks at most until the next batch deadline."""
@@ -321,6 +363,9 @@ class FrameWorker:
         if not reply and block_ms:
             self._stop.wait(min(block_ms, 20) / 1000.0)
         return reply
+
+    def _retry_due(self) -> bool:
+        return self._retry_at is not None and time.monotonic() >= self._retry_at
 
     def _cam_of(self, key: bytes | str) -> str:
         key = _text(key)
@@ -527,17 +572,39 @@ class FrameWorker:
         t0 = time.perf_counter()
         try:
             pred = engine.predict(batch)
-        except (RuntimeError, ValueError):
-            if len(group) == 1:
-                raise  # a lone frame the model cannot run: crash, redeliver, then poison
-            log.exception("batch of %d failed; retrying its frames one by one", len(group))
-            return [s for item in group for s in self._infer(engine, [item], decode_s)]
+        except (RuntimeError, ValueError) as exc:
+            if len(group) > 1:
+                log.exception("batch of %d failed; retrying its frames one by one", len(group))
+                return [s for item in group for s in self._infer(engine, [item], decode_s)]
+            self._model_failed(group[0][0], exc)
+            return []
+        self._failing.clear()
         infer_s = time.perf_counter() - t0
         obs.BATCHES.labels(model).inc()
         obs.BATCH_SIZE.labels(model).observe(len(group))
         obs.INFER_LATENCY.labels(model).observe(infer_s)
         self.stats.batches += 1
         return [_Scored([entry for entry, _ in group], pred, decode_s, infer_s)]
+
+    def _model_failed(self, entry: FrameEntry, exc: Exception) -> None:
+        """A lone frame the model cannot run stays pending and is retried after a pause.
+
+        Each retry re-reads it (its delivery count grows), so a frame that always breaks the model
+        ends as a ``poison`` dead letter without taking the process down. Failures on several
+        different frames in a row mean the engine itself is broken (say a dead CUDA context):
+        then the worker exits so that its supervisor restarts it with a fresh one.
+        """
+        self._failing.add((entry.cam, entry.entry_id))
+        if len(self._failing) >= BROKEN_ENGINE_FAILURES:
+            raise RuntimeError(
+                f"the model failed on {len(self._failing)} different frames in a row: {exc}"
+            ) from exc
+        log.error(
+            "model failed on a frame; it stays pending and is retried",
+            exc_info=exc,
+            extra={"camera": entry.cam, "entry": entry.entry_id, "deliveries": entry.deliveries},
+        )
+        self._retry_at = time.monotonic() + MODEL_RETRY_DELAY_S
 
     def _finish(
         self, engine: InferenceEngine, rejected: list[_Outcome], scored: list[_Scored]
@@ -601,96 +668,83 @@ class FrameWorker:
             self._publish_camera(cam, items)
 
     def _publish_camera(self, cam: str, outcomes: list[_Outcome]) -> None:
-        """XACK + XADD for one camera in one MULTI/EXEC; undo our XADDs whose XACK lost a race."""
+        """Write each frame's result (or dead letter) and XACK it in one atomic script call.
+
+        The script adds an entry only for a frame still pending in the group, and acks a frame
+        only after its entry was added: a frame a peer already finished gets no second entry
+        (not even briefly), and no frame is acked without a record of what became of it.
+        """
         done_ns = time.time_ns()
-        frames_key = self.keys.frames(cam)
-        pipe = self.client.pipeline(transaction=True)
-        for outcome in outcomes:
-            pipe.xack(frames_key, self.settings.group, outcome.entry.entry_id)
         for outcome in outcomes:
             if outcome.result is not None:
-                result = outcome.result.model_copy(
+                outcome.result = outcome.result.model_copy(
                     update={
                         "done_ns": done_ns,
                         "t_total_ms": max(0.0, (done_ns - outcome.result.ts_ns) / 1e6),
                     }
                 )
-                outcome.result = result
-                pipe.xadd(
-                    self.keys.results(cam),
-                    result.to_fields(),
-                    maxlen=self.settings.results_maxlen,
-                    approximate=True,
-                )
+        replies = self._publish_atomically(cam, [(o, self._entry_fields(o)) for o in outcomes])
+        failed: list[tuple[_Outcome, str]] = []
+        duplicates = 0
+        for outcome, reply in zip(outcomes, replies, strict=True):
+            if reply is None:
+                duplicates += 1
+            elif reply.startswith("!"):
+                failed.append((outcome, reply[1:]))
             else:
-                pipe.xadd(
-                    self.keys.deadletter(cam),
-                    self._deadletter_fields(outcome),
-                    maxlen=self.settings.deadletter_maxlen,
-                    approximate=True,
-                )
-        # MULTI/EXEC does not roll back: a command that fails at EXEC (say WRONGTYPE on a
-        # misconfigured key) leaves the others applied, so every reply is checked
-        replies = pipe.execute(raise_on_error=False)
-        acks, added = replies[: len(outcomes)], replies[len(outcomes) :]
-        for reply in acks:
-            if isinstance(reply, Exception):
-                raise reply  # nothing acked: the frames stay pending and are retried
-        failed = [
-            (o, reply)
-            for o, reply in zip(outcomes, added, strict=True)
-            if isinstance(reply, Exception)
-        ]
+                self._count(outcome)
+        if duplicates:
+            self.stats.duplicates += duplicates
+            log.warning(
+                "frames were already acked by another consumer; our copies were not written",
+                extra={"camera": cam, "count": duplicates},
+            )
         if failed:
             self._rescue(cam, failed)
-        lost = [
-            (o, _text(new_id))
-            for o, ack, new_id in zip(outcomes, acks, added, strict=True)
-            if int(ack) == 0 and not isinstance(new_id, Exception)
-        ]
-        if lost:
-            self._undo_duplicates(cam, lost)
-        skip = {o.entry.entry_id for o, _ in lost} | {o.entry.entry_id for o, _ in failed}
-        for outcome in outcomes:
-            if outcome.entry.entry_id not in skip:
-                self._count(outcome)
 
-    def _rescue(self, cam: str, failed: list[tuple[_Outcome, Exception]]) -> None:
-        """A frame was acked but its result could not be written: keep it as a dead letter."""
+    def _entry_fields(self, outcome: _Outcome) -> FieldMap:
+        if outcome.result is not None:
+            return outcome.result.to_fields()
+        return self._deadletter_fields(outcome)
+
+    def _publish_atomically(
+        self, cam: str, items: list[tuple[_Outcome, FieldMap]]
+    ) -> list[str | None]:
+        """One script call: per item the new entry id, None (acked elsewhere) or "!error"."""
+        args: list[Any] = [
+            self.settings.group,
+            self.settings.results_maxlen,
+            self.settings.deadletter_maxlen,
+        ]
+        for outcome, fields in items:
+            args += [outcome.entry.entry_id, "r" if outcome.result else "d", 2 * len(fields)]
+            for name, value in fields.items():
+                args += [name, value]
+        keys = [self.keys.frames(cam), self.keys.results(cam), self.keys.deadletter(cam)]
+        replies = self._publish_script(keys=keys, args=args)
+        return [None if reply == 0 else _text(reply) for reply in replies]
+
+    def _rescue(self, cam: str, failed: list[tuple[_Outcome, str]]) -> None:
+        """A result could not be written (its frame is still pending): dead-letter the frame."""
+        rescues = []
         for outcome, error in failed:
             log.error(
                 "result could not be written; dead-lettering the frame",
-                extra={"camera": cam, "entry": outcome.entry.entry_id, "error": str(error)},
+                extra={"camera": cam, "entry": outcome.entry.entry_id, "error": error},
             )
-            self.client.xadd(
-                self.keys.deadletter(cam),
-                deadletter_fields(
-                    outcome.entry.fields,
-                    reason="publish_failed",
-                    detail=f"{type(error).__name__}: {error}",
-                    source_key=self.keys.frames(cam),
-                    source_id=outcome.entry.entry_id,
-                    consumer=self.consumer,
-                    deliveries=outcome.entry.deliveries,
-                ),
-                maxlen=self.settings.deadletter_maxlen,
-                approximate=True,
-            )
-            self.stats.dead_letters["publish_failed"] += 1
-            obs.DEAD_LETTERS.labels(cam, "publish_failed").inc()
-
-    def _undo_duplicates(self, cam: str, lost: list[tuple[_Outcome, str]]) -> None:
-        """Another consumer acked these first (we were slow and got claimed): drop our copies."""
-        pipe = self.client.pipeline(transaction=True)
-        for outcome, new_id in lost:
-            key = self.keys.results(cam) if outcome.result else self.keys.deadletter(cam)
-            pipe.xdel(key, new_id)
-        pipe.execute()
-        self.stats.duplicates += len(lost)
-        log.warning(
-            "frames were already acked by another consumer; removed our duplicate entries",
-            extra={"camera": cam, "count": len(lost)},
-        )
+            dead = _Outcome(outcome.entry, reason="publish_failed", detail=error)
+            rescues.append((dead, self._deadletter_fields(dead)))
+        for (dead, _), reply in zip(rescues, self._publish_atomically(cam, rescues), strict=True):
+            if reply is not None and reply.startswith("!"):
+                # neither a result nor a dead letter can be written: the frame stays pending and
+                # is retried once claim_min_idle_ms passes (its delivery count keeps growing)
+                obs.REDIS_ERRORS.labels("worker").inc()
+                log.error(
+                    "frame kept pending: its dead letter could not be written either",
+                    extra={"camera": cam, "entry": dead.entry.entry_id, "error": reply[1:]},
+                )
+            elif reply is not None:
+                self._count(dead)
 
     def _deadletter_fields(self, outcome: _Outcome) -> dict:
         entry = outcome.entry
@@ -698,6 +752,8 @@ class FrameWorker:
         if outcome.reason == "too_old":
             # the frame itself stays in frames:{cam}; a second copy of a backlog would double RAM
             original = {k: v for k, v in original.items() if k != b"data"}
+        if len(original) > MAX_DEADLETTER_FIELDS:  # junk entry; Lua cannot unpack thousands
+            original = dict(list(original.items())[:MAX_DEADLETTER_FIELDS])
         return deadletter_fields(
             original,
             reason=outcome.reason or "malformed",
