@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     from models import anomalib_cli, train_cli
     from models import cli as model_cli
     from pipeline import cli as pipeline_cli
+    from pipeline import demo_cli
     from worker import cli as worker_cli
 
     parser = argparse.ArgumentParser(
@@ -22,14 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"efficientad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (train_cli, anomalib_cli, model_cli, pipeline_cli, worker_cli):
+    for module in (train_cli, anomalib_cli, model_cli, pipeline_cli, worker_cli, demo_cli):
         module.register(sub)
-    try:
-        from pipeline import demo_cli
-    except ImportError:
-        demo_cli = None
-    if demo_cli is not None:
-        demo_cli.register(sub)
     return parser
 
 

@@ -71,7 +71,7 @@ def cache_dir() -> Path:
     return Path(base) / "efficientad"
 
 
-def download(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> Path:
+def download(url: str, dest: Path, sha256: str, timeout: float = 20.0) -> Path:
     """Fetch url to dest atomically and verify its sha256; file:// URLs work for offline tests."""
     dest = Path(dest)
     if dest.is_file() and sha256_file(dest) == sha256:
