@@ -14,22 +14,11 @@ from typing import Any
 
 __all__ = ["register"]
 
+from models.cli import image_size_arg
+
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
-
-
-def _image_size(text: str) -> tuple[int, int]:
-    """``256`` or ``256x320`` (height x width)."""
-    try:
-        parts = [int(v) for v in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"--image-size must be N or HxW, got {text!r}")
-    return parts[0], parts[1]
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -71,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument(
         "--image-size",
-        type=_image_size,
+        type=image_size_arg,
         help="N or HxW (>= 256) the model runs at (default: the checkpoint's Resize, else 256)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing model in --out")

@@ -19,7 +19,7 @@ __all__ = ["register"]
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _size(text: str) -> tuple[int, int]:
+def image_size_arg(text: str) -> tuple[int, int]:
     """``256`` or ``256x320`` (height x width)."""
     try:
         parts = [int(v) for v in text.lower().split("x")]
@@ -65,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     synth.add_argument(
         "--test-defect", type=_non_negative, default=8, help="defective test images per defect type"
     )
-    synth.add_argument("--size", type=_size, default=(256, 256), help="N or HxW (default 256)")
+    synth.add_argument(
+        "--size", type=image_size_arg, default=(256, 256), help="N or HxW (default 256)"
+    )
     synth.add_argument("--seed", type=int, default=42)
     synth.add_argument(
         "--overwrite",
@@ -152,7 +154,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     bm.add_argument("--teacher", default="auto", help="auto, random, or a teacher file")
     bm.add_argument("--penalty-images", type=Path, help="ImageNet-like images for the penalty")
     bm.add_argument("--seed", type=int, default=42)
-    bm.add_argument("--image-size", type=_size, default=(256, 256))
+    bm.add_argument("--image-size", type=image_size_arg, default=(256, 256))
     bm.add_argument("--batch-size", type=_positive, default=8, help="evaluation batch size")
     bm.add_argument("--device", default="auto", help="evaluation device")
     bm.add_argument(

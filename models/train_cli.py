@@ -9,23 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from models.backbones import BACKBONES
+from models.cli import image_size_arg
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
-
-
-def _image_size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        values = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--image-size must be N or HxW, got {text!r}") from None
-    if len(values) == 1:
-        return values[0], values[0]
-    if len(values) == 2:
-        return values[0], values[1]
-    raise argparse.ArgumentTypeError(f"--image-size must be N or HxW, got {text!r}")
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -50,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     tr.add_argument("--penalty-images", type=Path, help="ImageNet-like folder for the penalty loss")
     tr.add_argument("--seed", type=int, default=42)
-    tr.add_argument("--image-size", type=_image_size, default=(256, 256), help="N or HxW (>= 256)")
+    tr.add_argument(
+        "--image-size", type=image_size_arg, default=(256, 256), help="N or HxW (>= 256)"
+    )
     tr.add_argument("--validation-fraction", type=float, default=0.1)
     tr.add_argument(
         "--threshold-data",
