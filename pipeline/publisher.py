@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -36,6 +34,7 @@ from redis.lock import Lock
 
 from pipeline import observability as obs
 from pipeline.alarms import AlarmStateMachine, AlarmTransition, IgnoreMask
+from pipeline.lifecycle import GracefulStop
 from pipeline.redis_conn import ensure_group, is_cluster
 from pipeline.stage_settings import PublisherSettings
 from pipeline.wire import (
@@ -109,7 +108,7 @@ class PublisherStats:
 _EVENT_TYPES = ("alarm.started", "alarm.updated", "alarm.ended")
 
 
-class AlarmPublisher:
+class AlarmPublisher(GracefulStop):
     """Serves the alarm logic for every configured camera whose lease it can hold."""
 
     def __init__(
@@ -138,22 +137,11 @@ class AlarmPublisher:
                 self.ignore_masks[cam] = IgnoreMask.load(path)  # fail at start, not mid-alarm
         self.owned: dict[str, CameraState] = {}
         self.stats = PublisherStats()
-        self._stop = threading.Event()
+        self._init_stop()
         self._is_cluster = is_cluster(client)
         self._next_lease_check = 0.0
 
     # ------------------------------------------------------------------------------- control
-
-    def request_stop(self, *_: Any) -> None:
-        self._stop.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
 
     def run(self, idle_exit_s: float | None = None) -> PublisherStats:
         """Serve until stopped; on stop, commit what was consumed and hand the leases back."""

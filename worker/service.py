@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 from collections import defaultdict
@@ -42,6 +41,7 @@ import redis
 import torch
 
 from pipeline import observability as obs
+from pipeline.lifecycle import GracefulStop
 from pipeline.redis_conn import ensure_group, is_cluster
 from pipeline.stage_settings import WorkerSettings
 from pipeline.wire import (
@@ -192,7 +192,7 @@ class WorkerStats:
     claimed: int = 0
 
 
-class FrameWorker:
+class FrameWorker(GracefulStop):
     """Consumes camera streams with a consumer group and publishes one result per frame.
 
     ``engines`` maps camera id -> InferenceEngine; cameras sharing one engine object share its
@@ -216,7 +216,7 @@ class FrameWorker:
         self.engines = dict(engines)
         self.consumer = consumer or settings.consumer_name()
         self.cameras = sorted(self.engines)
-        self._stop = threading.Event()
+        self._init_stop()
         self._retry_at: float | None = None  # when to re-read frames the model failed on
         self._failing: set[tuple[str, str]] = set()  # frames failed since the last success
         self._collectors: dict[int, BatchCollector[FrameEntry]] = {}
@@ -235,18 +235,6 @@ class FrameWorker:
         self.stats = WorkerStats()
 
     # ------------------------------------------------------------------------------- control
-
-    def request_stop(self, *_: Any) -> None:
-        """Finish what was read, publish, ack, then leave ``run`` (signal-handler safe)."""
-        self._stop.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
 
     def run(self, max_results: int | None = None, idle_exit_s: float | None = None) -> WorkerStats:
         """Serve until stopped (or ``max_results`` written, or idle for ``idle_exit_s``)."""
