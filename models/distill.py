@@ -26,7 +26,7 @@ from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from models.backbones import FeatureTaps, load_backbone
-from models.checkpoint import save_teacher
+from models.checkpoint import save_teacher, sha256_file
 from models.inference import resolve_device
 from models.networks import TEACHER_CHANNELS, ModelSize, build_pdn
 from models.training_state import has_training_state, load_training_state, save_training_state
@@ -64,6 +64,7 @@ class DistillConfig:
     out_dtype: str = "fp32"  # fp32 | fp16 for the shipped file
     max_seconds: float | None = None  # wall-clock budget; stops early and saves
     work_dir: Path | None = None  # resume state; default OUT.work/
+    init: Path | None = None  # warm start: an existing teacher file of the same size
     extra_meta: dict = field(default_factory=dict)
 
 
@@ -168,6 +169,49 @@ class PatchTarget(nn.Module):
         return out.permute(0, 3, 1, 2).contiguous()
 
 
+def warm_start(pdn: nn.Module, cfg: DistillConfig, provenance: str) -> dict:
+    """Load cfg.init's weights into the PDN; returns its provenance for the new file's metadata.
+
+    A distillation budget rarely fits one sitting (the paper's is 60k x 16); warm starts let
+    budgets add up across machines and sessions. The parent's target statistics are reused when
+    it distilled the same backbone weights, so the target does not shift under the network.
+    """
+    from models.teacher import SHIPPED, TeacherError, load_teacher_file
+
+    path = Path(cfg.init)
+    if str(cfg.init) == "shipped":
+        if cfg.size not in SHIPPED:
+            raise DistillError(f"--init shipped: no shipped PDN-{cfg.size.upper()} teacher")
+        path = SHIPPED[cfg.size]
+    try:
+        parent, parent_meta = load_teacher_file(path, cfg.size)
+    except TeacherError as exc:
+        raise DistillError(f"--init: {exc}") from exc
+    pdn.load_state_dict(parent.state_dict())
+    same_target = (
+        parent_meta.get("backbone") == cfg.backbone
+        and parent_meta.get("backbone_weights") == provenance
+    )
+    if not same_target:
+        log.warning(
+            "--init %s was distilled from %s (%s), not %s (%s): its weights are only a "
+            "starting point",
+            path,
+            parent_meta.get("backbone", "an unknown backbone"),
+            parent_meta.get("backbone_weights", "unknown weights"),
+            cfg.backbone,
+            provenance,
+        )
+    return {
+        "path": str(path),
+        "sha256": sha256_file(path),
+        "steps": parent_meta.get("total_steps", parent_meta.get("steps")),
+        "same_target": same_target,
+        "target_mean": parent_meta.get("target_mean") if same_target else None,
+        "target_std": parent_meta.get("target_std") if same_target else None,
+    }
+
+
 @torch.no_grad()
 def target_statistics(
     target: PatchTarget, bank: ImageBank, cfg: DistillConfig, gen: torch.Generator
@@ -215,18 +259,27 @@ def distill(cfg: DistillConfig) -> Path:
     stats.register_buffer("mean", torch.zeros(1, TEACHER_CHANNELS, 1, 1, device=device))
     stats.register_buffer("std", torch.ones(1, TEACHER_CHANNELS, 1, 1, device=device))
     history: list[float] = []
+    parent: dict | None = None
     if cfg.resume and has_training_state(work):
         step, extra = load_training_state(
             work, {"pdn": pdn, "stats": stats}, optimizer, {"gen": gen}
         )
         history = list(extra.get("loss_history", []))
+        parent = extra.get("init")
         log.info("resumed distillation from %s at step %d", work, step)
     else:
-        t0 = time.time()
-        mean, std = target_statistics(target, bank, cfg, gen)
-        stats.mean.copy_(mean)
-        stats.std.copy_(std)
-        log.info("target statistics over %d crops in %.1fs", cfg.stat_samples, time.time() - t0)
+        if cfg.init is not None:
+            parent = warm_start(pdn, cfg, provenance)
+        if parent is not None and parent["target_mean"] is not None:
+            stats.mean.copy_(torch.tensor(parent["target_mean"]).view_as(stats.mean))
+            stats.std.copy_(torch.tensor(parent["target_std"]).view_as(stats.std))
+            log.info("reusing the target statistics of %s", parent["path"])
+        else:
+            t0 = time.time()
+            mean, std = target_statistics(target, bank, cfg, gen)
+            stats.mean.copy_(mean)
+            stats.std.copy_(std)
+            log.info("target statistics over %d crops in %.1fs", cfg.stat_samples, time.time() - t0)
 
     start = time.time()
     losses: list[float] = []
@@ -261,7 +314,7 @@ def distill(cfg: DistillConfig) -> Path:
                 {"pdn": pdn, "stats": stats},
                 optimizer,
                 step,
-                {"loss_history": history},
+                {"loss_history": history, "init": parent},
                 {"gen": gen},
             )
         if out_of_time:
@@ -279,11 +332,18 @@ def distill(cfg: DistillConfig) -> Path:
         "images": str(cfg.images),
         "num_images": len(bank),
         "steps": step,
+        "total_steps": step + ((parent or {}).get("steps") or 0),
+        "init": {k: v for k, v in parent.items() if not k.startswith("target_")}
+        if parent
+        else None,
         "batch": cfg.batch,
         "final_loss": float(np.mean(final)) if final else None,
         "loss_history_per_100_steps": history,
         "seconds": round(time.time() - start, 1),
         "device": str(device),
+        # lets a later --init continue against exactly this target
+        "target_mean": [round(v, 6) for v in stats.mean.flatten().tolist()],
+        "target_std": [round(v, 6) for v in stats.std.flatten().tolist()],
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         **cfg.extra_meta,
     }

@@ -86,6 +86,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     di.add_argument("--max-minutes", type=float, help="stop (and save) after this wall time")
     di.add_argument("--checkpoint-every", type=int, default=500)
     di.add_argument("--resume", action="store_true")
+    di.add_argument(
+        "--init",
+        metavar="TEACHER",
+        help="warm start from a teacher file (or 'shipped'); --steps then counts new steps",
+    )
     di.set_defaults(func=cmd_distill)
 
 
@@ -156,6 +161,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+        init=Path(args.init) if args.init else None,
     )
     try:
         path = distill(cfg)

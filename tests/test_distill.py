@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from efficientad.cli import main
 from models.backbones import BACKBONES, BackboneError, FeatureTaps, get_spec, load_backbone
-from models.checkpoint import read_safetensors_metadata
+from models.checkpoint import read_safetensors_metadata, sha256_file
 from models.distill import (
     DistillConfig,
     DistillError,
@@ -309,3 +309,78 @@ def test_distill_cli_rejects_missing_images(tmp_path, backbone_weights, caplog):
         )
     assert code == 2
     assert "image folder not found" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# warm start (--init)
+
+
+@pytest.mark.slow
+def test_warm_start_begins_at_the_parent_and_reuses_its_target(runs, tmp_path):
+    parent = runs["half"].out
+    parent_meta = read_safetensors_metadata(parent)
+    zero = replace(runs["half"], out=tmp_path / "w0.safetensors", steps=0, init=parent)
+    distill(zero)
+    for key, value in load_file(str(parent)).items():
+        assert torch.equal(load_file(str(zero.out))[key], value), key
+    meta = read_safetensors_metadata(zero.out)
+    assert meta["init"]["sha256"] == sha256_file(parent)
+    assert meta["init"]["path"] == str(parent) and meta["init"]["same_target"] is True
+    assert meta["total_steps"] == 2 and meta["steps"] == 0
+    # the target normalisation is the parent's, not re-estimated from other random crops
+    assert meta["target_mean"] == parent_meta["target_mean"]
+    assert meta["target_std"] == parent_meta["target_std"]
+
+    more = replace(runs["half"], out=tmp_path / "w2.safetensors", steps=2, init=parent)
+    distill(more)
+    meta = read_safetensors_metadata(more.out)
+    assert meta["steps"] == 2 and meta["total_steps"] == 4
+    assert not torch.equal(
+        load_file(str(more.out))["conv4.weight"], load_file(str(parent))["conv4.weight"]
+    )
+
+
+@pytest.mark.slow
+def test_warm_start_from_another_target_warns_and_re_estimates(runs, tmp_path, caplog):
+    parent = runs["half"].out
+    torch.manual_seed(1)
+    other_weights = tmp_path / "resnet18_other.safetensors"
+    save_file(torchvision.models.resnet18(weights=None).state_dict(), str(other_weights))
+    cfg = replace(
+        runs["half"],
+        out=tmp_path / "other.safetensors",
+        steps=0,
+        init=parent,
+        backbone_weights=other_weights,
+    )
+    with caplog.at_level(logging.WARNING):
+        distill(cfg)
+    assert "only a starting point" in caplog.text
+    meta = read_safetensors_metadata(cfg.out)
+    assert meta["init"]["same_target"] is False
+    assert meta["target_mean"] != read_safetensors_metadata(parent)["target_mean"]
+
+
+def test_distill_cli_rejects_a_missing_init_teacher(images, tmp_path, backbone_weights, caplog):
+    with caplog.at_level(logging.ERROR):
+        code = main(
+            [
+                "distill",
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "t.safetensors"),
+                "--backbone",
+                "resnet18",
+                "--backbone-weights",
+                str(backbone_weights),
+                "--init",
+                str(tmp_path / "absent.safetensors"),
+                "--device",
+                "cpu",
+                "--stat-samples",
+                "2",
+            ]
+        )
+    assert code == 2
+    assert "--init" in caplog.text and "not found" in caplog.text
