@@ -3,6 +3,12 @@
 The paper distils WideResNet-101 layer2 + layer3 (PatchCore's feature space). Other torchvision
 backbones are offered for machines or domains where that is too heavy; each lists the node whose
 output has stride 8 and the one with stride 16.
+
+MobileNetV2 is tapped at the expanded (6x, ReLU6) activations that open the next stage, not at the
+32/96-channel linear bottleneck outputs of features.6 / features.13: on the four ../shared datasets
+a nearest-neighbour probe on the distillation target scored mean image AUROC 0.944 with the
+expanded taps vs 0.879 with the bottlenecks at a 10k-patch bank, 0.949 vs 0.943 at 30k
+(README, "Teacher").
 """
 
 from __future__ import annotations
@@ -39,7 +45,13 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("wide_resnet50_2", "layer2", "layer3", (512, 1024), "Wide_ResNet50_2_Weights"),
         BackboneSpec("resnet50", "layer2", "layer3", (512, 1024), "ResNet50_Weights"),
         BackboneSpec("resnet18", "layer2", "layer3", (128, 256), "ResNet18_Weights"),
-        BackboneSpec("mobilenet_v2", "features.6", "features.13", (32, 96), "MobileNet_V2_Weights"),
+        BackboneSpec(
+            "mobilenet_v2",
+            "features.7.conv.0",
+            "features.14.conv.0",
+            (192, 576),
+            "MobileNet_V2_Weights",
+        ),
     )
 }
 

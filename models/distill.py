@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
-from models.backbones import FeatureTaps, load_backbone
+from models.backbones import FeatureTaps, get_spec, load_backbone
 from models.checkpoint import save_teacher, sha256_file
 from models.inference import resolve_device
 from models.networks import TEACHER_CHANNELS, ModelSize, build_pdn
@@ -188,9 +188,11 @@ def warm_start(pdn: nn.Module, cfg: DistillConfig, provenance: str) -> dict:
     except TeacherError as exc:
         raise DistillError(f"--init: {exc}") from exc
     pdn.load_state_dict(parent.state_dict())
+    spec = get_spec(cfg.backbone)
     same_target = (
         parent_meta.get("backbone") == cfg.backbone
         and parent_meta.get("backbone_weights") == provenance
+        and parent_meta.get("taps") == [spec.stride8, spec.stride16]
     )
     if not same_target:
         log.warning(
@@ -329,6 +331,7 @@ def distill(cfg: DistillConfig) -> Path:
         "trained_with_padding": True,
         "backbone": cfg.backbone,
         "backbone_weights": provenance,
+        "taps": [taps.spec.stride8, taps.spec.stride16],
         "images": str(cfg.images),
         "num_images": len(bank),
         "steps": step,
@@ -341,9 +344,9 @@ def distill(cfg: DistillConfig) -> Path:
         "loss_history_per_100_steps": history,
         "seconds": round(time.time() - start, 1),
         "device": str(device),
-        # lets a later --init continue against exactly this target
-        "target_mean": [round(v, 6) for v in stats.mean.flatten().tolist()],
-        "target_std": [round(v, 6) for v in stats.std.flatten().tolist()],
+        # lets a later --init continue against exactly this target (float32 values round-trip)
+        "target_mean": stats.mean.flatten().cpu().tolist(),
+        "target_std": stats.std.flatten().cpu().tolist(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         **cfg.extra_meta,
     }
