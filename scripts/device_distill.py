@@ -50,13 +50,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--images", type=Path, default=Path(".gpu/imagenet"))
     parser.add_argument("--weights", type=Path, default=Path(".gpu/mobilenet_v2_fp16.safetensors"))
+    parser.add_argument("--init", type=Path, help="warm start from this teacher file")
+    parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     report: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0)}
-    t0 = time.time()
-    time_inference(report)
-    report["latency_seconds"] = round(time.time() - t0, 1)
-    print(json.dumps(report, indent=1), flush=True)
+    if not args.skip_latency:
+        t0 = time.time()
+        time_inference(report)
+        report["latency_seconds"] = round(time.time() - t0, 1)
+        print(json.dumps(report, indent=1), flush=True)
     cfg = DistillConfig(
         images=args.images,
         out=args.out / "teacher_small_mobilenet_v2.safetensors",
@@ -69,6 +72,7 @@ def main() -> None:
         checkpoint_every=100_000,
         out_dtype="fp16",
         work_dir=Path("/tmp/distill.work"),
+        init=args.init,
         extra_meta={
             "backbone_weights_origin": "torchvision mobilenet_v2 IMAGENET1K_V1 "
             "(sha256 b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889), "
@@ -81,7 +85,8 @@ def main() -> None:
     from models.checkpoint import read_safetensors_metadata
 
     meta = read_safetensors_metadata(path)
-    report["distill"] = {k: meta[k] for k in ("steps", "final_loss", "seconds", "num_images")}
+    keys = ("steps", "total_steps", "final_loss", "seconds", "num_images", "taps", "init")
+    report["distill"] = {k: meta.get(k) for k in keys}
     report["distill"]["loss_history_per_100_steps"] = meta["loss_history_per_100_steps"]
     (args.out / "device_report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report), flush=True)

@@ -1,9 +1,11 @@
-"""Accelerator job: EfficientAD-S with the shipped teacher vs a random teacher on every dataset.
+"""Accelerator job: EfficientAD-S with each teacher (default: shipped vs random) on every dataset.
 
-Same steps, seed and penalty images for both; writes results.json after every run so a partial
-run still reports. Run from the repo root on a CUDA machine:
+Same steps, seeds and penalty images for every teacher; writes results.json after every run so a
+partial run still reports, with per-teacher means over datasets and seeds. Run from the repo root
+on a CUDA machine:
     PYTHONPATH=. python scripts/device_teacher_comparison.py --data .gpu2/data \
-        --penalty .gpu2/penalty --budget-seconds 330 --out $OUT
+        --penalty .gpu2/penalty --budget-seconds 330 --out $OUT [--teachers shipped,random,FILE] \
+        [--seeds 42,43]
 """
 
 from __future__ import annotations
@@ -23,19 +25,18 @@ from models.inference import InferenceEngine
 from models.train import TrainConfig, train
 
 DATASETS = ("hazelnut_toy", "battery_weld", "cookies", "mpdd_metal_plate")
-TEACHERS = ("shipped", "random")
 
 
-def run_one(data: Path, teacher: str, steps: int, penalty: Path, work: Path) -> dict:
+def run_one(data: Path, teacher: str, steps: int, penalty: Path, work: Path, seed: int) -> dict:
     t0 = time.time()
     model_dir = train(
         TrainConfig(
             data=data,
-            out=work / f"{data.name}-{teacher}",
+            out=work / f"{data.name}-{Path(teacher).stem}-{seed}",
             steps=steps,
             teacher=teacher,
             penalty_images=penalty,
-            seed=42,
+            seed=seed,
             progress=False,
             checkpoint_every=10**9,
         )
@@ -46,6 +47,7 @@ def run_one(data: Path, teacher: str, steps: int, penalty: Path, work: Path) -> 
     return {
         "dataset": data.name,
         "teacher": teacher,
+        "seed": seed,
         "steps": steps,
         "image_auroc": m.image_auroc,
         "image_f1": m.image_f1,
@@ -68,7 +70,11 @@ def main() -> None:
     p.add_argument("--budget-seconds", type=float, default=330)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=0, help="0: fit the budget")
+    p.add_argument("--teachers", default="shipped,random", help="comma-separated teacher sources")
+    p.add_argument("--seeds", default="42", help="comma-separated training seeds")
     args = p.parse_args()
+    teachers = args.teachers.split(",")
+    seeds = [int(v) for v in args.seeds.split(",")]
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")
     work = Path("/tmp/teacher-comparison")
@@ -81,34 +87,44 @@ def main() -> None:
     steps = args.steps
     if steps <= 0:
         t0 = time.time()
-        probe = run_one(datasets[0], "shipped", 200, args.penalty, work / "probe")
+        probe = run_one(datasets[0], teachers[0], 200, args.penalty, work / "probe", seeds[0])
         overhead = time.time() - t0 - 200 / probe["train_steps_per_s"]
-        per_run = args.budget_seconds / (len(datasets) * len(TEACHERS)) - overhead
+        per_run = args.budget_seconds / (len(datasets) * len(teachers) * len(seeds)) - overhead
         steps = int(max(300, min(8000, per_run * probe["train_steps_per_s"])) // 100 * 100)
         results["probe"] = {**probe, "overhead_s": round(overhead, 1)}
     results["steps"] = steps
     print(json.dumps({"steps": steps, "probe": results.get("probe")}), flush=True)
-    for data in datasets:
-        for teacher in TEACHERS:
-            row = run_one(data, teacher, steps, args.penalty, work)
-            results["runs"].append(row)
-            (args.out / "results.json").write_text(json.dumps(results, indent=1))
-            print(
-                json.dumps(
-                    {
-                        k: row[k]
-                        for k in (
-                            "dataset",
-                            "teacher",
-                            "image_auroc",
-                            "au_pro",
-                            "image_f1",
-                            "seconds",
-                        )
-                    }
-                ),
-                flush=True,
-            )
+    for seed in seeds:
+        for data in datasets:
+            for teacher in teachers:
+                row = run_one(data, teacher, steps, args.penalty, work, seed)
+                results["runs"].append(row)
+                results["means"] = means(results["runs"])
+                (args.out / "results.json").write_text(json.dumps(results, indent=1))
+                keys = (
+                    "dataset",
+                    "teacher",
+                    "seed",
+                    "image_auroc",
+                    "au_pro",
+                    "image_f1",
+                    "seconds",
+                )
+                print(json.dumps({k: row[k] for k in keys}), flush=True)
+    print(json.dumps({"means": results["means"]}), flush=True)
+
+
+def means(runs: list[dict]) -> dict:
+    """Per teacher: mean image AUROC / AU-PRO over the (dataset, seed) runs finished so far."""
+    out: dict = {}
+    for teacher in dict.fromkeys(r["teacher"] for r in runs):
+        rows = [r for r in runs if r["teacher"] == teacher]
+        out[teacher] = {
+            "runs": len(rows),
+            "image_auroc": sum(r["image_auroc"] for r in rows) / len(rows),
+            "au_pro": sum(r["au_pro"] or 0.0 for r in rows) / len(rows),
+        }
+    return out
 
 
 if __name__ == "__main__":
