@@ -26,6 +26,14 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # [B,3,H,W] in [0,1] -> [B,C
 
 
 @dataclass(frozen=True)
+class ProbeSettings:
+    image_size: tuple[int, int] = (256, 256)
+    bank_size: int = 30_000  # normal patches kept (random subset) in the memory bank
+    batch: int = 8
+    seed: int = 0  # of the bank subset
+
+
+@dataclass(frozen=True)
 class ProbeResult:
     dataset: str
     image_auroc: float
@@ -72,26 +80,22 @@ def _patches(features: FeatureFn, x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 @torch.no_grad()
 def knn_scores(
-    features: FeatureFn,
-    dataset: AnomalyDataset,
-    image_size: tuple[int, int] = (256, 256),
-    bank_size: int = 30_000,
-    batch: int = 8,
-    seed: int = 0,
+    features: FeatureFn, dataset: AnomalyDataset, settings: ProbeSettings = ProbeSettings()
 ) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Per test image: max over its patches of the distance to the nearest normal patch.
 
     Returns (scores, labels, bank size, feature channels).
     """
+    image_size, batch = settings.image_size, settings.batch
     bank_parts = []
     channels = 0
     for i in range(0, len(dataset.train), batch):
         patches, channels = _patches(features, load_batch(dataset.train[i : i + batch], image_size))
         bank_parts.append(patches.reshape(-1, channels))
     bank = torch.cat(bank_parts)
-    if len(bank) > bank_size:
-        keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:bank_size]
-        bank = bank[keep]
+    if len(bank) > settings.bank_size:
+        gen = torch.Generator().manual_seed(settings.seed)
+        bank = bank[torch.randperm(len(bank), generator=gen)[: settings.bank_size]]
     bank_sq = (bank**2).sum(1)
     scores: list[float] = []
     labels: list[int] = []
@@ -110,19 +114,12 @@ def knn_scores(
 
 
 def knn_probe(
-    features: FeatureFn,
-    dataset: AnomalyDataset,
-    image_size: tuple[int, int] = (256, 256),
-    bank_size: int = 30_000,
-    batch: int = 8,
-    seed: int = 0,
+    features: FeatureFn, dataset: AnomalyDataset, settings: ProbeSettings = ProbeSettings()
 ) -> ProbeResult:
     """Image AUROC of the nearest-neighbour scores of ``knn_scores``."""
     if len({s.label for s in dataset.test}) < 2:
         raise ValueError(f"{dataset.root}: the probe needs normal and defective test images")
-    scores, labels, kept, channels = knn_scores(
-        features, dataset, image_size, bank_size, batch, seed
-    )
+    scores, labels, kept, channels = knn_scores(features, dataset, settings)
     return ProbeResult(
         dataset=dataset.name,
         image_auroc=image_auroc(scores, labels),

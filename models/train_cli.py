@@ -207,7 +207,12 @@ def cmd_probe_teacher(args: argparse.Namespace) -> int:
 
     from models.backbones import BackboneError
     from models.data import DataError, discover_dataset
-    from models.feature_probe import knn_probe, target_features, teacher_features
+    from models.feature_probe import (
+        ProbeSettings,
+        knn_probe,
+        target_features,
+        teacher_features,
+    )
     from models.teacher import TeacherError
 
     if not args.teacher and not args.target:
@@ -223,12 +228,10 @@ def cmd_probe_teacher(args: argparse.Namespace) -> int:
                     f"choose one of {', '.join(sorted(BACKBONES))}"
                 )
             sources[f"target:{name}"] = target_features(name, Path(weights) if weights else None)
+        settings = ProbeSettings(args.image_size, args.bank_size, seed=args.seed)
         report: dict[str, Any] = {"results": [], "mean_image_auroc": {}}
         for label, features in sources.items():
-            rows = [
-                knn_probe(features, d, args.image_size, args.bank_size, seed=args.seed)
-                for d in datasets
-            ]
+            rows = [knn_probe(features, d, settings) for d in datasets]
             for row in rows:
                 report["results"].append({"features": label, **row.__dict__})
             report["mean_image_auroc"][label] = float(np.mean([r.image_auroc for r in rows]))

@@ -292,21 +292,28 @@ def test_distilled_teacher_trains_a_model_through_the_cli(runs, tiny_dataset, tm
         assert torch.equal(weights[f"teacher.{key}"], value), key
 
 
+def distill_cli(images: Path, out: Path, weights: Path, *extra: str) -> int:
+    return main(
+        [
+            "distill",
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--backbone",
+            "resnet18",
+            "--backbone-weights",
+            str(weights),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
+
+
 def test_distill_cli_rejects_missing_images(tmp_path, backbone_weights, caplog):
     with caplog.at_level(logging.ERROR):
-        code = main(
-            [
-                "distill",
-                "--images",
-                str(tmp_path / "none"),
-                "--out",
-                str(tmp_path / "t.safetensors"),
-                "--backbone",
-                "resnet18",
-                "--backbone-weights",
-                str(backbone_weights),
-            ]
-        )
+        code = distill_cli(tmp_path / "none", tmp_path / "t.safetensors", backbone_weights)
     assert code == 2
     assert "image folder not found" in caplog.text
 
@@ -363,24 +370,12 @@ def test_warm_start_from_another_target_warns_and_re_estimates(runs, tmp_path, c
 
 def test_distill_cli_rejects_a_missing_init_teacher(images, tmp_path, backbone_weights, caplog):
     with caplog.at_level(logging.ERROR):
-        code = main(
-            [
-                "distill",
-                "--images",
-                str(images),
-                "--out",
-                str(tmp_path / "t.safetensors"),
-                "--backbone",
-                "resnet18",
-                "--backbone-weights",
-                str(backbone_weights),
-                "--init",
-                str(tmp_path / "absent.safetensors"),
-                "--device",
-                "cpu",
-                "--stat-samples",
-                "2",
-            ]
+        code = distill_cli(
+            images,
+            tmp_path / "t.safetensors",
+            backbone_weights,
+            "--init",
+            str(tmp_path / "absent.safetensors"),
         )
     assert code == 2
     assert "--init" in caplog.text and "not found" in caplog.text

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from efficientad.cli import main
 from models.data import discover_dataset, load_batch
-from models.feature_probe import knn_probe, knn_scores, teacher_features
+from models.feature_probe import ProbeSettings, knn_probe, knn_scores, teacher_features
 from models.synth import generate_mvtec
 
 
@@ -32,7 +32,7 @@ def probe_dataset(tmp_path_factory) -> Path:
 
 def test_scores_equal_brute_force_nearest_neighbour(tiny_dataset):
     dataset = discover_dataset(tiny_dataset)
-    scores, labels, kept, channels = knn_scores(pooled_pixels, dataset, batch=3)
+    scores, labels, kept, channels = knn_scores(pooled_pixels, dataset, ProbeSettings(batch=3))
     train = pooled_pixels(load_batch(dataset.train, (256, 256)))
     bank = train.permute(0, 2, 3, 1).reshape(-1, 3)
     test = pooled_pixels(load_batch(dataset.test, (256, 256))).permute(0, 2, 3, 1)
@@ -47,7 +47,7 @@ def test_scores_equal_brute_force_nearest_neighbour(tiny_dataset):
 def test_bank_is_subsampled_to_its_size(tiny_dataset):
     dataset = discover_dataset(tiny_dataset)
     full, *_ = knn_scores(pooled_pixels, dataset)
-    scores, _, kept, _ = knn_scores(pooled_pixels, dataset, bank_size=100)
+    scores, _, kept, _ = knn_scores(pooled_pixels, dataset, ProbeSettings(bank_size=100))
     assert kept == 100
     assert np.all(scores >= full - 1e-6)  # fewer neighbours can only be farther away
 
