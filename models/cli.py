@@ -32,6 +32,12 @@ def image_size_arg(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _add_inference_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=_positive, default=8)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--half", action="store_true", help="fp16 inference (GPU)")
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -112,10 +118,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     ev.add_argument("--model", type=Path, required=True, help="model directory")
     ev.add_argument("--data", type=Path, required=True, help="dataset (category) root")
     ev.add_argument("--json", type=Path, help="write the full report (with per-image scores)")
-    ev.add_argument("--batch-size", type=_positive, default=8)
     ev.add_argument("--fpr-limit", type=float, default=0.3, help="AU-PRO integration limit")
-    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    ev.add_argument("--half", action="store_true", help="fp16 inference (GPU)")
+    _add_inference_args(ev)
     ev.set_defaults(func=cmd_eval)
 
     pr = subparsers.add_parser(
@@ -132,9 +136,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     pr.add_argument("--json", type=Path, help="write results as JSON")
     pr.add_argument("--maps-dir", type=Path, help="write <stem>.npy raw float32 anomaly maps")
     pr.add_argument("--overlay-dir", type=Path, help="write <stem>.png heat-map overlays")
-    pr.add_argument("--batch-size", type=_positive, default=8)
-    pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    pr.add_argument("--half", action="store_true", help="fp16 inference (GPU)")
+    _add_inference_args(pr)
     pr.set_defaults(func=cmd_predict)
 
     bm = subparsers.add_parser(

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,14 +217,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
         half=args.half,
         redis_url=args.redis_url,
     )
-    progress = None if args.json else sys.stderr
-    try:
-        report = bench_pipeline(settings, progress=progress)
-    except BenchError as exc:
-        print(f"efficientad bench pipeline: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    _emit(report, args.out)
-    return EXIT_OK if report["ok"] else EXIT_FAILURE
+    return _run_bench("pipeline", bench_pipeline, settings, args, BenchError)
 
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
@@ -239,11 +233,21 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
         threads=args.threads,
         min_seconds=args.min_seconds,
     )
-    progress = None if args.json else sys.stderr
+    return _run_bench("model", bench_model, settings, args, BenchError)
+
+
+def _run_bench(
+    name: str,
+    bench: Callable[..., dict],
+    settings: object,
+    args: argparse.Namespace,
+    error: type[Exception],
+) -> int:
+    """Progress on stderr unless --json; bad settings exit 2, a failed check exits 1."""
     try:
-        report = bench_model(settings, progress=progress)
-    except BenchError as exc:
-        print(f"efficientad bench model: {exc}", file=sys.stderr)
+        report = bench(settings, progress=None if args.json else sys.stderr)
+    except error as exc:
+        print(f"efficientad bench {name}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _emit(report, args.out)
     return EXIT_OK if report["ok"] else EXIT_FAILURE
