@@ -6,6 +6,11 @@ new one may not start until ``cooldown_s`` of capture time has passed since the 
 ``alarm.updated`` goes out only when the episode's peak got worse, at most once per
 ``update_interval_s``. All times are capture times, so a replay of the same results gives the same
 events and the same alarm ids. No Redis here: the state goes to and from a JSON-able dict.
+
+The window is ordered by arrival (the publisher feeds capture order), never by ``seq``: a camera
+that restarts its numbering or a stray entry with an old ``seq`` must not break the rules.
+``checkpoint``/``restore`` let the caller undo a frame whose processing failed half way, so a
+failure can never leave a half-updated state behind to be persisted.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import cv2
 import numpy as np
 
 from pipeline.stage_settings import AlarmSettings
-from pipeline.wire import AlarmEvent, Region, ResultMessage
+from pipeline.wire import AlarmEvent, Region, ResultMessage, WireError, decode_result_png
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 1: window without arrival indices (still readable)
 
 
 class IgnoreMask:
@@ -61,8 +66,11 @@ class IgnoreMask:
             return False, list(result.regions)
         ignored = self.at(result.map_h, result.map_w)
         if result.mask:
-            pixels = cv2.imdecode(np.frombuffer(result.mask, np.uint8), cv2.IMREAD_GRAYSCALE)
-            if pixels is not None and pixels.shape == ignored.shape:
+            try:
+                pixels = decode_result_png(result.mask, ignored.shape, field="mask")
+            except WireError:
+                pixels = None  # an unreadable mask: judge by the region boxes instead
+            if pixels is not None:
                 return self._filter_by_pixels(result, pixels > 0, ignored)
         if result.regions:
             kept = [
@@ -88,14 +96,26 @@ class AlarmTransition:
     peak: ResultMessage
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Observed:
-    """What the k-of-n window remembers of one frame."""
+    """What the k-of-n window remembers of one frame; ``index`` counts frames in arrival order."""
 
+    index: int
     anomalous: bool
     seq: int
     ts_ns: int
     frame_id: str
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    observed: int
+    window: tuple[_Observed, ...]
+    window_hits: tuple[tuple[int, ResultMessage], ...]
+    cooldown_until_ns: int
+    alarm: str | None  # JSON: a deep copy that cannot alias the live dict
+    peak: ResultMessage | None
+    peak_regions: tuple[Region, ...]
 
 
 class AlarmStateMachine:
@@ -110,8 +130,10 @@ class AlarmStateMachine:
         if ignore_mask is None and settings.ignore_mask is not None:
             self.ignore_mask = IgnoreMask.load(settings.ignore_mask)
         self._window: deque[_Observed] = deque(maxlen=settings.n)
-        # anomalous results still inside the window, so a start can report its true peak
-        self._window_hits: list[ResultMessage] = []
+        self._observed = 0  # frames seen so far: the arrival index of the next one
+        # (arrival index, result) of anomalous frames still inside the window, so a start can
+        # report its true peak
+        self._window_hits: list[tuple[int, ResultMessage]] = []
         self._cooldown_until_ns = 0
         self._alarm: dict[str, Any] | None = None
         self._peak: ResultMessage | None = None
@@ -138,14 +160,37 @@ class AlarmStateMachine:
         if result.cam != self.cam:
             raise ValueError(f"result for camera {result.cam!r} fed to machine of {self.cam!r}")
         anomalous, regions = self.counts(result)
-        self._window.append(_Observed(anomalous, result.seq, result.ts_ns, result.frame_id))
-        oldest_seq = self._window[0].seq
-        self._window_hits = [r for r in self._window_hits if r.seq >= oldest_seq]
+        index = self._observed
+        self._observed += 1
+        self._window.append(_Observed(index, anomalous, result.seq, result.ts_ns, result.frame_id))
+        oldest = self._window[0].index
+        self._window_hits = [(i, r) for i, r in self._window_hits if i >= oldest]
         if anomalous:
-            self._window_hits.append(result)
+            self._window_hits.append((index, result))
         if self._alarm is None:
             return self._maybe_start(result)
         return self._advance(result, anomalous, regions)
+
+    def checkpoint(self) -> _Checkpoint:
+        """A cheap snapshot that ``restore`` returns to (results are immutable, so no copies)."""
+        return _Checkpoint(
+            observed=self._observed,
+            window=tuple(self._window),
+            window_hits=tuple(self._window_hits),
+            cooldown_until_ns=self._cooldown_until_ns,
+            alarm=json.dumps(self._alarm) if self._alarm is not None else None,
+            peak=self._peak,
+            peak_regions=tuple(self._peak_regions),
+        )
+
+    def restore(self, point: _Checkpoint) -> None:
+        self._observed = point.observed
+        self._window = deque(point.window, maxlen=self.settings.n)
+        self._window_hits = list(point.window_hits)
+        self._cooldown_until_ns = point.cooldown_until_ns
+        self._alarm = json.loads(point.alarm) if point.alarm is not None else None
+        self._peak = point.peak
+        self._peak_regions = list(point.peak_regions)
 
     # ------------------------------------------------------------------------------ internals
 
@@ -154,8 +199,11 @@ class AlarmStateMachine:
         if len(hits) < self.settings.k or result.ts_ns < self._cooldown_until_ns:
             return []
         first = hits[0]
-        in_episode = [o for o in self._window if o.seq >= first.seq]
+        in_episode = [o for o in self._window if o.index >= first.index]
         frame_ids = [o.frame_id for o in hits]
+        # the window's hits are in _window_hits (same indices); a state restored from an old
+        # format may lack some, and then the frame at hand stands in rather than failing
+        peak = max([r for _, r in self._window_hits] or [result], key=lambda r: r.score)
         self._alarm = {
             "alarm_id": f"{self.cam}-{first.frame_id}",
             "started_ns": first.ts_ns,
@@ -167,7 +215,6 @@ class AlarmStateMachine:
             "last_event_ns": result.ts_ns,
             "peak_dirty": False,
         }
-        peak = max(self._window_hits, key=lambda r: r.score)
         self._set_peak(peak, self.counts(peak)[1])
         self._window_hits = []
         return [self._transition("alarm.started", result)]
@@ -258,8 +305,9 @@ class AlarmStateMachine:
         return {
             "format": STATE_FORMAT,
             "cam": self.cam,
-            "window": [[o.anomalous, o.seq, o.ts_ns, o.frame_id] for o in self._window],
-            "window_hits": [r.model_dump_json() for r in self._window_hits],
+            "observed": self._observed,
+            "window": [[o.index, o.anomalous, o.seq, o.ts_ns, o.frame_id] for o in self._window],
+            "window_hits": [[i, r.model_dump_json()] for i, r in self._window_hits],
             "cooldown_until_ns": self._cooldown_until_ns,
             "alarm": json.loads(json.dumps(self._alarm)) if self._alarm else None,
             "peak": self._peak.model_dump_json() if self._peak else None,
@@ -273,14 +321,30 @@ class AlarmStateMachine:
         settings: AlarmSettings,
         ignore_mask: IgnoreMask | None = None,
     ) -> AlarmStateMachine:
-        if data.get("format") != STATE_FORMAT:
-            raise ValueError(f"alarm state format {data.get('format')!r} is not {STATE_FORMAT}")
+        version = data.get("format")
+        if version not in (1, STATE_FORMAT):
+            raise ValueError(f"alarm state format {version!r} is not 1..{STATE_FORMAT}")
         machine = cls(str(data["cam"]), settings, ignore_mask)
-        for anomalous, seq, ts_ns, frame_id in data.get("window", []):
-            machine._window.append(_Observed(bool(anomalous), int(seq), int(ts_ns), str(frame_id)))
-        machine._window_hits = [
-            ResultMessage.model_validate_json(r) for r in data.get("window_hits", [])
-        ]
+        if version == 1:  # no arrival indices: number the window, match hits by frame id
+            rows = data.get("window", [])
+            window = [[i, *row] for i, row in enumerate(rows)]
+            index_of = {str(row[4]): row[0] for row in window}
+            hits = [ResultMessage.model_validate_json(r) for r in data.get("window_hits", [])]
+            machine._window_hits = [
+                (index_of[r.frame_id], r) for r in hits if r.frame_id in index_of
+            ]
+            machine._observed = len(window)
+        else:
+            window = data.get("window", [])
+            machine._window_hits = [
+                (int(i), ResultMessage.model_validate_json(r))
+                for i, r in data.get("window_hits", [])
+            ]
+            machine._observed = int(data.get("observed", 0))
+        for index, anomalous, seq, ts_ns, frame_id in window:
+            machine._window.append(
+                _Observed(int(index), bool(anomalous), int(seq), int(ts_ns), str(frame_id))
+            )
         machine._cooldown_until_ns = int(data.get("cooldown_until_ns", 0))
         machine._alarm = data.get("alarm")
         if data.get("peak"):

@@ -1,8 +1,9 @@
 """Metrics, health endpoints, structured logs and status events shared by every process.
 
 Each process (capture, worker, publisher) serves ``/metrics`` (Prometheus text format),
-``/healthz`` (the process is alive and its HTTP thread answers) and ``/readyz`` (Redis reachable and
-the process ready for work) on one port. Metric objects live here so every stage uses the same names
+``/healthz`` (alive: the HTTP thread answers and, where the process has a main loop, that loop still
+turns; see ``Heartbeat``) and ``/readyz`` (Redis reachable and the process ready for work) on one
+port. Metric objects live here so every stage uses the same names
 (``efficientad_*``) and labels; a process only exports the series it touched.
 
 Status events (camera online/offline/frozen, capture stats, process start/stop) go to the
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALARMS",
     "ALARM_ACTIVE",
+    "APPLY_FAILURES",
     "BATCHES",
     "BATCH_SIZE",
     "CAMERA_EVENTS",
@@ -60,13 +62,18 @@ __all__ = [
     "FRAMES_DROPPED",
     "FRAMES_SCORED",
     "FRAMES_WRITTEN",
+    "GAPS_GIVEN_UP",
+    "HEARTBEAT",
     "INFER_LATENCY",
+    "LATE_RESULTS",
     "PENDING_ENTRIES",
     "PROCESS_RESTARTS",
+    "PUBLISHER_HOLD",
     "QUEUE_WAIT",
     "REDELIVERIES",
     "REDIS_ERRORS",
     "STATUS_MAXLEN",
+    "Heartbeat",
     "JsonFormatter",
     "MetricsServer",
     "StatusEvent",
@@ -171,7 +178,30 @@ ALARMS = Counter(
 )
 ALARM_ACTIVE = Gauge("efficientad_alarm_active", "1 while an alarm episode is open", ["camera"])
 DUPLICATES = Counter(
-    "efficientad_duplicate_results_total", "Redelivered results ignored by frame id", ["camera"]
+    "efficientad_duplicate_results_total",
+    "Results ignored as duplicates (same frame id, or a seq already applied)",
+    ["camera"],
+)
+LATE_RESULTS = Counter(
+    "efficientad_late_results_total",
+    "Results that arrived after the publisher gave up waiting for their frame (not applied)",
+    ["camera"],
+)
+GAPS_GIVEN_UP = Counter(
+    "efficientad_gaps_given_up_total",
+    "Times newer results were applied without an older frame a worker still held",
+    ["camera"],
+)
+PUBLISHER_HOLD = Histogram(
+    "efficientad_publisher_hold_seconds",
+    "Time a result waited in the publisher for older frames before it was applied",
+    ["camera"],
+    buckets=LATENCY_BUCKETS,
+)
+APPLY_FAILURES = Counter(
+    "efficientad_apply_failures_total",
+    "Results whose alarm processing raised (retried, then dead-lettered)",
+    ["camera"],
 )
 
 # ---- every process
@@ -181,6 +211,100 @@ REDIS_ERRORS = Counter(
 PROCESS_RESTARTS = Counter(
     "efficientad_process_restarts_total", "Child processes restarted by `run`", ["process"]
 )
+
+
+# ------------------------------------------------------------------------------------------------
+# liveness of main loops
+
+
+class Heartbeat:
+    """When each main loop of this process last turned, so /healthz can report a stuck one.
+
+    A thread that only answers HTTP proves nothing about the loop doing the work: a deadlock or a
+    socket read without timeout leaves /healthz green while frames pile up. Each loop calls
+    ``beat(name)`` once per iteration (cheap: one lock, one dict store) and ``done(name)`` when it
+    ends on purpose (a finished replay camera). /healthz answers 503 when any loop's last beat is
+    older than its limit: ``max(min_limit_s, limit_s given to beat)`` (30 s by default), and, once
+    ``arm()`` was called (by ``start_metrics_server``), when no loop beat at all within
+    ``grace_s`` of that (model loading, first connection).
+    """
+
+    def __init__(
+        self,
+        *,
+        min_limit_s: float = 30.0,
+        grace_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.min_limit_s = min_limit_s
+        self.grace_s = grace_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._loops: dict[str, tuple[float, float]] = {}  # name -> (last beat, limit)
+        self._armed_at: float | None = None
+        self._seen = False
+
+    def arm(self) -> None:
+        """Start the grace period: from now on, no beat at all is unhealthy after ``grace_s``."""
+        with self._lock:
+            self._armed_at = self._clock()
+
+    def beat(self, name: str = "main", limit_s: float | None = None) -> None:
+        """Loop ``name`` is alive; ``limit_s``: its longest legitimate iteration (floor 30 s)."""
+        limit = max(self.min_limit_s, limit_s or 0.0)
+        now = self._clock()
+        with self._lock:
+            self._loops[name] = (now, limit)
+            self._seen = True
+
+    def done(self, name: str = "main") -> None:
+        """Loop ``name`` ended on purpose: stop watching it."""
+        with self._lock:
+            self._loops.pop(name, None)
+
+    def reset(self) -> None:
+        """Forget every loop and the grace period (tests, re-used processes)."""
+        with self._lock:
+            self._loops.clear()
+            self._armed_at = None
+            self._seen = False
+
+    def ages(self) -> dict[str, float]:
+        """Seconds since each watched loop's last beat."""
+        now = self._clock()
+        with self._lock:
+            return {name: now - at for name, (at, _) in self._loops.items()}
+
+    def check(self) -> tuple[bool, str]:
+        """(healthy, one-line reason with the heartbeat ages) for /healthz."""
+        now = self._clock()
+        with self._lock:
+            loops = dict(self._loops)
+            armed_at, seen = self._armed_at, self._seen
+        if not seen:
+            if armed_at is None:
+                return True, "ok"
+            waited = now - armed_at
+            if waited <= self.grace_s:
+                return True, f"ok: starting, no heartbeat yet ({waited:.1f} s)"
+            return False, (
+                f"stuck: main loop never started: no heartbeat {waited:.1f} s after start "
+                f"(grace {self.grace_s:.0f} s)"
+            )
+        stuck = [
+            f"{name} last beat {now - at:.1f} s ago (limit {limit:.0f} s)"
+            for name, (at, limit) in sorted(loops.items())
+            if now - at > limit
+        ]
+        if stuck:
+            return False, "stuck: " + "; ".join(stuck)
+        if not loops:
+            return True, "ok: all loops finished"
+        ages = ", ".join(f"{name} {now - at:.1f} s" for name, (at, _) in sorted(loops.items()))
+        return True, f"ok: heartbeat age {ages}"
+
+
+HEARTBEAT = Heartbeat()  # the process's main loops beat here; /healthz reads it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,14 +348,20 @@ class MetricsServer:
 
 
 def _health_app(
-    ready_check: Callable[[], bool] | None, registry: CollectorRegistry
+    ready_check: Callable[[], bool] | None,
+    registry: CollectorRegistry,
+    heartbeat: Heartbeat | None,
 ) -> Callable[[WSGIEnvironment, StartResponse], list[bytes]]:
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/healthz":
-            return _text(start_response, "200 OK", "ok\n")
+            if heartbeat is None:
+                return _text(start_response, "200 OK", "ok\n")
+            healthy, reason = heartbeat.check()
+            status = "200 OK" if healthy else "503 Service Unavailable"
+            return _text(start_response, status, reason + "\n")
         if path == "/readyz":
             try:
                 ready = bool(ready_check()) if ready_check is not None else True
@@ -261,11 +391,14 @@ def start_metrics_server(
     ready_check: Callable[[], bool] | None = None,
     *,
     registry: CollectorRegistry = REGISTRY,
+    heartbeat: Heartbeat | None = None,
 ) -> MetricsServer | None:
     """Serve /metrics, /healthz and /readyz in a daemon thread; ``None`` when disabled.
 
     ``ready_check`` returns True when the process can do its job (Redis reachable, model loaded);
     it runs on every /readyz request, so keep it cheap (see ``redis_ready_check``).
+    ``heartbeat`` (a process with a main loop passes ``HEARTBEAT``) makes /healthz report a stuck
+    loop with 503; it is armed here, so its start grace period begins now.
     """
     if not settings.enabled:
         return None
@@ -273,7 +406,7 @@ def start_metrics_server(
         server = make_server(
             settings.host,
             settings.port,
-            _health_app(ready_check, registry),
+            _health_app(ready_check, registry, heartbeat),
             server_class=_ThreadingWSGIServer,
             handler_class=_QuietHandler,
         )
@@ -283,6 +416,8 @@ def start_metrics_server(
             f"metrics endpoint cannot listen on {settings.host}:{settings.port}: {exc.strerror} "
             "(choose another metrics.port / --metrics-port, 0 = any free port, or --no-metrics)",
         ) from None
+    if heartbeat is not None:
+        heartbeat.arm()
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     result = MetricsServer(server, thread)
@@ -409,6 +544,10 @@ StatusEventType = Literal[
     "process.stopped",
     "process.exited",
     "process.restarting",
+    "publisher.late_result",
+    "publisher.gap_given_up",
+    "publisher.apply_failed",
+    "publisher.state_reset",
 ]
 
 

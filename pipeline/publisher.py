@@ -1,19 +1,29 @@
-"""The results publisher: results:{cam} -> ordered, de-duplicated -> alarm episodes -> alarms.
+"""The results publisher: results:{cam} -> capture order, de-duplicated -> alarm episodes -> alarms.
 
-The only stateful stage, so it is built around three guarantees:
+The only stateful stage. Its promise: **the alarm events equal an in-order replay of all results**
+through ``AlarmStateMachine``, whatever fails around it. Built from these rules:
 
 - One owner per camera. A lease key (``publisher:{cam}:lease``, redis-py ``Lock``: SET NX PX
   with a random token, renewed by compare-and-pexpire) says who serves a camera; a publisher serves
   every configured camera whose lease it holds and takes over a camera whose owner stopped renewing.
-- Capture order. Workers finish frames out of order; results are buffered and released in stream
-  order. A missing frame is waited for only while it can still arrive: while a worker still holds
-  an older frame pending, and at most ``reorder_wait_ms`` / ``window`` frames, so a lost frame
-  cannot stall alarms.
-- Exactly one event stream. The alarm events, the state machine snapshot with the high-water mark
-  (``publisher:{cam}:state``) and the XACK of the consumed results are written in one MULTI/EXEC,
-  fenced by WATCH on the lease: a restarted or replacing publisher continues an open alarm from the
-  stored state, re-reads only results that were never committed, and skips every frame id at or
-  below the high-water mark, so it neither raises a second ``alarm.started`` nor repeats an event.
+- Capture order. Workers finish frames out of order; results are held and applied in frame-entry
+  order. A result is applied once no older frame can still bring one: every frame between the last
+  applied one and it is acked in the workers' group (its result or dead letter exists, and a
+  drained read of ``results:{cam}`` has seen it) or gone from the stream. A frame a worker still
+  holds (pending) is waited for, but no result is held longer than ``max_gap_wait_ms``: then the
+  gap is given up (counted, reported on the status stream) and a result that still arrives for it
+  is *late*: acked, counted and reported, not applied. Frames that were never delivered cannot
+  exist below a delivered one (the group reads in id order), and dead-lettered or trimmed frames
+  are not pending, so they close their gap at once.
+- De-duplication by frame entry id and by (camera, ``seq``): a seq already applied is a duplicate
+  (a frame captured twice), acked and counted.
+- Nothing half-done is ever stored. A result is applied on a checkpoint of the state machine; if
+  anything raises, the machine is restored and the result retried on the next step, and after
+  ``max_apply_attempts`` dead-lettered (``apply_failed``) so the camera goes on. The alarm events,
+  the state snapshot (machine, high-water mark, applied seqs) and the XACK of the applied results
+  are written in one MULTI/EXEC, fenced by WATCH on the lease; a crash commits nothing and the next
+  owner re-reads what was not committed. A stored state that cannot be read is moved aside
+  (``publisher.state_reset`` status event) instead of crash-looping the publisher.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from redis.lock import Lock
 from pipeline import observability as obs
 from pipeline.alarms import AlarmStateMachine, AlarmTransition, IgnoreMask
 from pipeline.lifecycle import GracefulStop
-from pipeline.redis_conn import ensure_group, is_cluster
+from pipeline.redis_conn import ensure_group, is_cluster, is_permission_error
 from pipeline.stage_settings import PublisherSettings
 from pipeline.wire import (
     AlarmEvent,
@@ -46,11 +56,14 @@ from pipeline.wire import (
     WireError,
     deadletter_fields,
     decode_image,
+    decode_result_png,
 )
 
 log = logging.getLogger(__name__)
 
 STREAM_ID_ZERO = (0, 0)
+OUTSTANDING_PEEK = 64  # pending frames above the high-water mark fetched per check
+_REDIS_TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 
 
 def parse_stream_id(value: bytes | str) -> tuple[int, int]:
@@ -67,12 +80,44 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class SeqRanges:
+    """Applied ``seq`` numbers as sorted disjoint ``[lo, hi]`` ranges (tiny when seqs run on)."""
+
+    def __init__(self, ranges: Sequence[Sequence[int]] = ()) -> None:
+        self.ranges: list[list[int]] = sorted([int(lo), int(hi)] for lo, hi in ranges)
+
+    def __contains__(self, seq: int) -> bool:
+        return any(lo <= seq <= hi for lo, hi in reversed(self.ranges))
+
+    def add(self, seq: int) -> None:
+        ranges = self.ranges
+        if ranges and ranges[-1][1] + 1 == seq:  # the common case: the next seq
+            ranges[-1][1] = seq
+            return
+        if seq in self:
+            return
+        ranges.append([seq, seq])
+        ranges.sort()
+        merged: list[list[int]] = [ranges[0]]
+        for lo, hi in ranges[1:]:
+            if lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.ranges = merged
+
+    def forget_below(self, seq: int) -> None:
+        """Bound the memory: drop what lies entirely below ``seq``."""
+        self.ranges = [[max(lo, seq), hi] for lo, hi in self.ranges if hi >= seq]
+
+
 @dataclass
 class _Buffered:
     entry_id: str  # id in results:{cam}
     result: ResultMessage
     frame_key: tuple[int, int]
     arrived: float  # monotonic
+    attempts: int = 0  # failed applications
 
 
 @dataclass
@@ -83,13 +128,18 @@ class CameraState:
     lease: Lock
     token: bytes
     machine: AlarmStateMachine
-    hwm: tuple[int, int] = STREAM_ID_ZERO  # newest frame id fed to the machine
+    hwm: tuple[int, int] = STREAM_ID_ZERO  # newest frame id applied (or given up on)
     hwm_seq: int = -1
+    applied: SeqRanges = field(default_factory=SeqRanges)
     buffer: dict[tuple[int, int], _Buffered] = field(default_factory=dict)
     to_ack: list[str] = field(default_factory=list)  # result entries consumed, not yet committed
     events: list[AlarmEvent] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
-    oldest_in_flight: tuple[int, int] | None = None  # oldest frame a worker still holds
+    notices: list[obs.StatusEvent] = field(default_factory=list)  # status events to commit
+    # frames above hwm that a worker still holds (sorted; checked before each read);
+    # None = unknown, re-check before applying anything that is not provably next
+    outstanding: list[tuple[int, int]] | None = None
+    outstanding_complete: bool = True  # the list holds every such frame
     drained: bool = False  # the last read returned everything the results stream had
     overlay_cache: tuple[str, bytes | None, str] | None = None
     renewed: float = 0.0
@@ -100,7 +150,10 @@ class PublisherStats:
     events: dict[str, int] = field(default_factory=lambda: {t: 0 for t in _EVENT_TYPES})
     results: int = 0
     duplicates: int = 0
-    skipped_gaps: int = 0
+    late: int = 0
+    gaps_given_up: int = 0
+    apply_failures: int = 0
+    max_hold_s: float = 0.0
     acquired: int = 0
     lost: int = 0
 
@@ -149,8 +202,10 @@ class AlarmPublisher(GracefulStop):
         self._emit_status("process.started")
         log.info("publisher started", extra={"publisher": self.name, "cameras": self.cameras})
         last_work = time.monotonic()
+        clean = False
         try:
             while not self.stopping:
+                obs.HEARTBEAT.beat("publisher")
                 try:
                     if self.step():
                         last_work = time.monotonic()
@@ -167,16 +222,22 @@ class AlarmPublisher(GracefulStop):
                     self._stop.wait(1.0)
                 if idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
                     break
+            clean = True
         finally:
-            self.close()
+            self.close(commit=clean)
         return self.stats
 
-    def close(self) -> None:
-        """Release leases so another publisher takes over at once instead of after the TTL."""
+    def close(self, commit: bool = True) -> None:
+        """Release leases so another publisher takes over at once instead of after the TTL.
+
+        ``commit=False`` after an unexpected error: hand back without writing anything, so the
+        next owner redoes the uncommitted work from what Redis holds.
+        """
         for cam in list(self.owned):
             state = self.owned.pop(cam)
             try:
-                self._commit(state)
+                if commit:
+                    self._commit(state)
                 state.lease.release()
             except (redis.RedisError, LockError) as exc:
                 log.warning("could not hand back camera %s cleanly: %s", cam, exc)
@@ -194,25 +255,25 @@ class AlarmPublisher(GracefulStop):
         if not self.owned:
             self._stop.wait(min(self.settings.block_ms / 1000.0, self.settings.lease_ttl_s / 3.0))
             return 0
-        for state in self.owned.values():
-            state.oldest_in_flight = self._oldest_in_flight(state.cam)
+        for state in self.owned.values():  # before the read: see _release_in_order
+            self._check_outstanding(state)
         handled = self._read_results(self._block_ms())
         for cam in list(self.owned):
             state = self.owned[cam]
             self._release_in_order(state)
-            if state.to_ack or state.events or state.dead_letters:
+            if state.to_ack or state.events or state.dead_letters or state.notices:
                 self._commit(state)
         return handled
 
     def _block_ms(self) -> int | None:
-        """Block on the read only until the next buffered result's wait expires."""
+        """Block on the read only until the next held result's wait expires."""
         wait_s = self.settings.block_ms / 1000.0
-        deadline = self.settings.reorder_wait_ms / 1000.0
+        deadline = self.settings.max_gap_wait_ms / 1000.0
         now = time.monotonic()
         for state in self.owned.values():
             if state.buffer:
-                oldest = min(b.arrived for b in state.buffer.values())
-                wait_s = min(wait_s, max(0.0, oldest + deadline - now))
+                head = state.buffer[min(state.buffer)]
+                wait_s = min(wait_s, max(0.0, head.arrived + deadline - now))
         wait_s = min(wait_s, max(0.0, self._next_lease_check - now))
         return int(wait_s * 1000) if wait_s >= 0.001 else None
 
@@ -272,21 +333,52 @@ class AlarmPublisher(GracefulStop):
         )
 
     def _load_state(self, cam: str, lease: Lock, token: bytes) -> CameraState:
-        stored = self.client.hgetall(self.keys.publisher_state(cam))
+        key = self.keys.publisher_state(cam)
+        stored = self.client.hgetall(key)
         alarm_settings = self.settings.alarm_for(cam)
         mask = self.ignore_masks.get(cam)
-        if stored.get(b"machine"):
-            machine = AlarmStateMachine.from_dict(
-                json.loads(stored[b"machine"]), alarm_settings, mask
-            )
-        else:
-            machine = AlarmStateMachine(cam, alarm_settings, mask)
-        state = CameraState(cam=cam, lease=lease, token=token, machine=machine)
-        if stored.get(b"hwm_id"):
-            state.hwm = parse_stream_id(stored[b"hwm_id"])
-            state.hwm_seq = int(stored.get(b"hwm_seq", b"-1"))
+        state = CameraState(
+            cam=cam, lease=lease, token=token, machine=AlarmStateMachine(cam, alarm_settings, mask)
+        )
+        try:
+            if stored.get(b"machine"):
+                state.machine = AlarmStateMachine.from_dict(
+                    json.loads(stored[b"machine"]), alarm_settings, mask
+                )
+            if stored.get(b"hwm_id"):
+                state.hwm = parse_stream_id(stored[b"hwm_id"])
+                state.hwm_seq = int(stored.get(b"hwm_seq", b"-1"))
+            if stored.get(b"applied"):
+                state.applied = SeqRanges(json.loads(stored[b"applied"]))
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            self._quarantine_state(state, key, stored, exc)
         state.renewed = time.monotonic()
         return state
+
+    def _quarantine_state(
+        self, state: CameraState, key: str, stored: dict[bytes, bytes], exc: Exception
+    ) -> None:
+        """An unreadable stored state must not crash-loop the camera: set it aside, say so loudly,
+        and go on from a fresh machine (keeping the high-water mark if it is readable, so old
+        results are not applied a second time)."""
+        aside = f"{key}:corrupt:{time.time_ns()}"
+        log.error(
+            "stored publisher state is unreadable; moved aside, starting a fresh alarm machine",
+            extra={"camera": state.cam, "error": str(exc), "moved_to": aside},
+        )
+        self.client.rename(key, aside)
+        state.machine = AlarmStateMachine(
+            state.cam, self.settings.alarm_for(state.cam), self.ignore_masks.get(state.cam)
+        )
+        state.applied = SeqRanges()
+        try:
+            state.hwm = parse_stream_id(stored.get(b"hwm_id", b"0-0"))
+            state.hwm_seq = int(stored.get(b"hwm_seq", b"-1"))
+        except ValueError:
+            state.hwm, state.hwm_seq = STREAM_ID_ZERO, -1
+        state.notices.append(
+            self._notice("publisher.state_reset", state.cam, str(exc)[:500], {"moved_to": aside})
+        )
 
     def _take_over_pending(self, state: CameraState) -> None:
         """Results a previous owner read but never committed: claim them, then re-read ours."""
@@ -338,14 +430,38 @@ class AlarmPublisher(GracefulStop):
 
     # ---------------------------------------------------------------------------- reading
 
+    def _check_outstanding(self, state: CameraState) -> None:
+        """Frames above the high-water mark that a worker still holds (delivered, not acked).
+
+        Read BEFORE the results: a frame not pending at this moment has its result (or dead
+        letter) written already, so a drained read that follows is sure to have seen it.
+        """
+        low = "-" if state.hwm == STREAM_ID_ZERO else f"({format_stream_id(state.hwm)}"
+        try:
+            rows = self.client.xpending_range(
+                self.keys.frames(state.cam),
+                self.worker_group,
+                min=low,
+                max="+",
+                count=OUTSTANDING_PEEK,
+            )
+        except redis.ResponseError as exc:
+            if is_permission_error(exc) or "NOGROUP" not in str(exc):
+                raise
+            rows = []  # no worker group (yet): nothing can be in flight
+        state.outstanding = [parse_stream_id(r["message_id"]) for r in rows]
+        state.outstanding_complete = len(rows) < OUTSTANDING_PEEK
+
     def _oldest_in_flight(self, cam: str) -> tuple[int, int] | None:
-        """Oldest frame entry a worker still holds (delivered, not acked) — it may yet arrive."""
+        """Oldest frame entry a worker still holds, whatever its age (status, tests)."""
         try:
             rows = self.client.xpending_range(
                 self.keys.frames(cam), self.worker_group, min="-", max="+", count=1
             )
-        except redis.ResponseError:  # no worker group yet
-            return None
+        except redis.ResponseError as exc:
+            if is_permission_error(exc):
+                raise
+            return None  # no worker group yet
         return parse_stream_id(rows[0]["message_id"]) if rows else None
 
     def _read_results(self, block_ms: int | None) -> int:
@@ -386,7 +502,7 @@ class AlarmPublisher(GracefulStop):
         return handled
 
     def _accept(self, state: CameraState, entry_id: str, fields: dict[bytes, bytes]) -> None:
-        """Buffer one result entry, or mark it for ack when it is a duplicate or unreadable."""
+        """Hold a result in capture order, or settle it now (duplicate, late, unreadable)."""
         try:
             result = ResultMessage.from_fields(fields)
             if result.cam != state.cam:
@@ -395,54 +511,182 @@ class AlarmPublisher(GracefulStop):
         except (WireError, ValueError) as exc:
             state.to_ack.append(entry_id)
             state.dead_letters.append(
-                deadletter_fields(
-                    fields,
-                    reason="malformed",
-                    detail=str(exc),
-                    source_key=self.keys.results(state.cam),
-                    source_id=entry_id,
-                    consumer=self.name,
-                )
+                self._dead_letter(state, entry_id, fields, "malformed", str(exc))
             )
             return
         held = state.buffer.get(frame_key)
         if held is not None and held.entry_id == entry_id:
             return  # the same entry again (adopted, then re-read from our own pending list)
-        if frame_key <= state.hwm or held is not None:
-            state.to_ack.append(entry_id)  # redelivered, duplicate, or too late to matter
-            self.stats.duplicates += 1
-            obs.DUPLICATES.labels(state.cam).inc()
+        if held is not None or (frame_key <= state.hwm and result.seq in state.applied):
+            self._duplicate(state, entry_id)
+            return
+        if frame_key <= state.hwm:
+            self._late(state, entry_id, result)
             return
         state.buffer[frame_key] = _Buffered(entry_id, result, frame_key, time.monotonic())
 
-    def _release_in_order(self, state: CameraState) -> None:
-        """Feed buffered results to the alarm machine in capture order; wait only while useful."""
-        wait_s = self.settings.reorder_wait_ms / 1000.0
-        now = time.monotonic()
-        for frame_key in sorted(state.buffer):
-            item = state.buffer[frame_key]
-            contiguous = state.hwm_seq >= 0 and item.result.seq == state.hwm_seq + 1
-            # every older frame was acked (its result is in the stream, and a drained read
-            # has seen it) or never will be: waiting longer cannot bring anything
-            nothing_older_in_flight = state.drained and (
-                state.oldest_in_flight is None or state.oldest_in_flight > frame_key
-            )
-            overfull = len(state.buffer) > self.settings.window
-            expired = now - item.arrived >= wait_s
-            if not (contiguous or nothing_older_in_flight or overfull or expired):
-                break
-            if not contiguous and state.hwm_seq >= 0 and item.result.seq > state.hwm_seq + 1:
-                self.stats.skipped_gaps += item.result.seq - state.hwm_seq - 1
-            del state.buffer[frame_key]
-            self._feed(state, item)
+    def _duplicate(self, state: CameraState, entry_id: str) -> None:
+        state.to_ack.append(entry_id)
+        self.stats.duplicates += 1
+        obs.DUPLICATES.labels(state.cam).inc()
 
-    def _feed(self, state: CameraState, item: _Buffered) -> None:
+    def _late(self, state: CameraState, entry_id: str, result: ResultMessage) -> None:
+        """A result for a frame whose gap was given up: never applied, never silently lost."""
+        state.to_ack.append(entry_id)
+        self.stats.late += 1
+        obs.LATE_RESULTS.labels(state.cam).inc()
+        log.warning(
+            "late result: its gap was given up, not applied",
+            extra={"camera": state.cam, "seq": result.seq, "frame_id": result.frame_id},
+        )
+        state.notices.append(
+            self._notice(
+                "publisher.late_result",
+                state.cam,
+                "result arrived after its gap was given up; not applied to the alarm logic",
+                {
+                    "seq": result.seq,
+                    "frame_id": result.frame_id,
+                    "result_id": entry_id,
+                    "anomalous": result.anomalous,
+                    "score": result.score,
+                    "hwm_id": format_stream_id(state.hwm),
+                },
+            )
+        )
+
+    def _release_in_order(self, state: CameraState) -> None:
+        """Apply held results in capture order while no older frame can still bring one."""
+        max_wait_s = self.settings.max_gap_wait_ms / 1000.0
+        while state.buffer:
+            frame_key = min(state.buffer)
+            item = state.buffer[frame_key]
+            if not state.drained:
+                break  # an older result may sit in the part of the stream not read yet
+            blocker = self._blocker(state, frame_key)
+            if blocker is None:
+                break  # not known: check again before the next read
+            if blocker:
+                held_s = time.monotonic() - item.arrived
+                if held_s < max_wait_s and len(state.buffer) <= self.settings.window:
+                    break
+                self._give_up(state, blocker, item, held_s)
+            del state.buffer[frame_key]
+            if not self._apply(state, item):
+                state.buffer[frame_key] = item  # retried next step, order kept
+                break
+
+    def _blocker(
+        self, state: CameraState, frame_key: tuple[int, int]
+    ) -> tuple[int, int] | bool | None:
+        """An older frame still held by a worker (a tuple), False when none, None when unknown."""
+        if state.outstanding is None:
+            return None
+        for pending in state.outstanding:
+            if pending <= state.hwm:
+                continue
+            return pending if pending < frame_key else False
+        return False if state.outstanding_complete else None
+
+    def _give_up(
+        self, state: CameraState, blocker: tuple[int, int], item: _Buffered, held_s: float
+    ) -> None:
+        self.stats.gaps_given_up += 1
+        obs.GAPS_GIVEN_UP.labels(state.cam).inc()
+        detail = {
+            "awaited_frame_id": format_stream_id(blocker),
+            "applied_seq": item.result.seq,
+            "held_s": round(held_s, 3),
+            "buffered": len(state.buffer),
+        }
+        log.warning("gave up waiting for a frame", extra={"camera": state.cam, **detail})
+        state.notices.append(
+            self._notice(
+                "publisher.gap_given_up",
+                state.cam,
+                "a worker held an older frame too long; newer results applied without it",
+                detail,
+            )
+        )
+
+    def _apply(self, state: CameraState, item: _Buffered) -> bool:
+        """Run one result through the alarm machine; False = it failed and will be retried."""
+        result = item.result
+        if result.seq in state.applied:  # the same capture seq under another frame id
+            self._duplicate(state, item.entry_id)
+            self._advance(state, item)
+            return True
+        point = state.machine.checkpoint()
+        try:
+            events = [self._finish_event(state, t) for t in state.machine.observe(result)]
+        except _REDIS_TRANSIENT:
+            state.machine.restore(point)
+            raise
+        except Exception as exc:
+            state.machine.restore(point)
+            return self._apply_failed(state, item, exc)
+        state.applied.add(result.seq)
+        state.applied.forget_below(result.seq - self.settings.dedupe_memory)
+        state.to_ack.append(item.entry_id)
+        state.events.extend(events)
+        self._advance(state, item)
+        self.stats.results += 1
+        held_s = max(0.0, time.monotonic() - item.arrived)
+        self.stats.max_hold_s = max(self.stats.max_hold_s, held_s)
+        obs.PUBLISHER_HOLD.labels(state.cam).observe(held_s)
+        return True
+
+    def _advance(self, state: CameraState, item: _Buffered) -> None:
         state.hwm = item.frame_key
         state.hwm_seq = item.result.seq
+
+    def _apply_failed(self, state: CameraState, item: _Buffered, exc: Exception) -> bool:
+        item.attempts += 1
+        self.stats.apply_failures += 1
+        obs.APPLY_FAILURES.labels(state.cam).inc()
+        log.error(
+            "alarm processing failed for a result",
+            exc_info=exc,
+            extra={"camera": state.cam, "seq": item.result.seq, "attempt": item.attempts},
+        )
+        if item.attempts < self.settings.max_apply_attempts:
+            return False
+        detail = f"{type(exc).__name__}: {exc}"
         state.to_ack.append(item.entry_id)
-        self.stats.results += 1
-        for transition in state.machine.observe(item.result):
-            state.events.append(self._finish_event(state, transition))
+        state.dead_letters.append(
+            self._dead_letter(state, item.entry_id, item.result.to_fields(), "apply_failed", detail)
+        )
+        state.notices.append(
+            self._notice(
+                "publisher.apply_failed",
+                state.cam,
+                detail[:500],
+                {"seq": item.result.seq, "frame_id": item.result.frame_id},
+            )
+        )
+        self._advance(state, item)
+        return True
+
+    def _dead_letter(
+        self, state: CameraState, entry_id: str, fields: Mapping[Any, Any], reason: str, detail: str
+    ) -> dict[str, Any]:
+        return deadletter_fields(
+            dict(fields),
+            reason=reason,
+            detail=detail,
+            source_key=self.keys.results(state.cam),
+            source_id=entry_id,
+            consumer=self.name,
+        )
+
+    def _notice(self, event: str, cam: str, reason: str, detail: dict[str, Any]) -> obs.StatusEvent:
+        return obs.StatusEvent(
+            event=event,  # type: ignore[arg-type]
+            source="publisher",
+            cam=cam,
+            reason=reason,
+            detail={"publisher": self.name, **detail},
+        )
 
     # ---------------------------------------------------------------------------- events
 
@@ -471,6 +715,7 @@ class AlarmPublisher(GracefulStop):
     def _render_overlay(
         self, cam: str, peak: ResultMessage, regions: Sequence[Region]
     ) -> tuple[bytes | None, str]:
+        """The overlay JPEG and "ok", or None and why not; a bad image never fails the event."""
         if not peak.heatmap:
             return None, "no_heatmap"
         rows = self.client.xrange(self.keys.frames(cam), peak.frame_id, peak.frame_id, count=1)
@@ -480,19 +725,24 @@ class AlarmPublisher(GracefulStop):
             frame = decode_image(FrameMessage.from_fields(rows[0][1]))
         except WireError:
             return None, "frame_undecodable"
-        levels = cv2.imdecode(np.frombuffer(peak.heatmap, np.uint8), cv2.IMREAD_GRAYSCALE)
-        if levels is None:
-            return None, "no_heatmap"
-        jpeg = render_overlay(
-            frame, levels, regions, (peak.map_h, peak.map_w), self.settings.overlay_quality
-        )
+        try:
+            levels = decode_result_png(peak.heatmap, (peak.map_h, peak.map_w), field="heatmap")
+        except WireError:
+            return None, "heatmap_undecodable"
+        try:
+            jpeg = render_overlay(
+                frame, levels, regions, (peak.map_h, peak.map_w), self.settings.overlay_quality
+            )
+        except (cv2.error, ValueError, MemoryError) as exc:
+            log.warning("overlay could not be drawn: %s", exc, extra={"camera": cam})
+            return None, "render_failed"
         return jpeg, "ok"
 
     # ---------------------------------------------------------------------------- commit
 
     def _commit(self, state: CameraState) -> None:
         """Events + state + acks in one MULTI/EXEC, only while we still hold the lease."""
-        if not (state.to_ack or state.events or state.dead_letters):
+        if not (state.to_ack or state.events or state.dead_letters or state.notices):
             return
         lease_key = self.keys.publisher_lease(state.cam)
         cam = state.cam
@@ -500,10 +750,12 @@ class AlarmPublisher(GracefulStop):
             "machine": json.dumps(state.machine.to_dict(), separators=(",", ":")),
             "hwm_id": format_stream_id(state.hwm),
             "hwm_seq": state.hwm_seq,
+            "applied": json.dumps(state.applied.ranges, separators=(",", ":")),
             "owner": self.name,
             "updated_ns": time.time_ns(),
         }
         events = list(state.events)
+        notices = list(state.notices)
         mirror_later = self._is_cluster  # the global stream lives in another slot on Cluster
         try:
             with self.client.pipeline(transaction=True) as pipe:
@@ -528,6 +780,9 @@ class AlarmPublisher(GracefulStop):
                         )
                 for dead in state.dead_letters:
                     pipe.xadd(self.keys.deadletter(cam), dead, maxlen=10_000, approximate=True)
+                if not mirror_later:
+                    for notice in notices:
+                        obs.emit_status(pipe, self.keys, notice)
                 pipe.hset(self.keys.publisher_state(cam), mapping=snapshot)
                 if state.to_ack:
                     pipe.xack(self.keys.results(cam), self.settings.group, *state.to_ack)
@@ -544,9 +799,12 @@ class AlarmPublisher(GracefulStop):
                     maxlen=self.settings.alarms_maxlen,
                     approximate=True,
                 )
+            for notice in notices:
+                obs.emit_status(self.client, self.keys, notice)
         state.to_ack.clear()
         state.events.clear()
         state.dead_letters.clear()
+        state.notices.clear()
         for event in events:
             self._count_event(event)
 

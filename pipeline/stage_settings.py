@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -55,14 +55,40 @@ class WorkerSettings(_Settings):
     claim_min_idle_ms: int = Field(
         default=30_000,
         ge=100,
-        description="XAUTOCLAIM entries idle longer than this (keep above worst batch time)",
+        description=(
+            "XAUTOCLAIM entries idle longer than this even from a live (heartbeating) consumer: "
+            "a hung worker; keep above the worst batch time"
+        ),
     )
-    claim_interval_s: float = Field(default=5.0, gt=0, description="how often to XAUTOCLAIM")
+    claim_interval_s: float = Field(
+        default=1.0, gt=0, description="how often to look for frames of dead or hung consumers"
+    )
+    heartbeat_ttl_ms: int = Field(
+        default=3000,
+        ge=200,
+        description=(
+            "liveness key lifetime, renewed every third of it; a consumer without one is dead "
+            "and its pending frames are claimed at once"
+        ),
+    )
+    dead_claim_min_idle_ms: int = Field(
+        default=500,
+        ge=0,
+        description="a dead consumer's frame must be idle this long before it is claimed",
+    )
     max_deliveries: int = Field(
         default=5, ge=1, description="delivery count above which a frame is dead-lettered (poison)"
     )
     max_frame_bytes: int = Field(
         default=20_000_000, ge=1, description="frames with a larger data field are dead-lettered"
+    )
+    max_frame_pixels: int = Field(
+        default=40_000_000,
+        ge=1,
+        description=(
+            "frames whose image header declares more pixels are dead-lettered (oversize) before "
+            "decoding: a tiny JPEG/PNG can declare gigapixels"
+        ),
     )
     max_age_s: float | None = Field(
         default=None,
@@ -127,11 +153,25 @@ class PublisherSettings(_Settings):
     consumer: str | None = Field(
         default=None, description="consumer name; default publisher-<hostname>"
     )
-    window: int = Field(default=32, ge=1, description="reorder window in frames (by seq)")
-    reorder_wait_ms: float = Field(
-        default=2000.0,
+    window: int = Field(
+        default=4096,
+        ge=1,
+        description="results held while an older frame is awaited; beyond it the gap is given up",
+    )
+    max_gap_wait_ms: float = Field(
+        default=20_000.0,
         ge=0,
-        description="max wait for a missing seq before skipping it (a lost frame must not stall)",
+        validation_alias=AliasChoices("max_gap_wait_ms", "reorder_wait_ms"),
+        description=(
+            "longest wait for an older frame a worker still holds before newer results are "
+            "applied without it (its result then counts as late); keep above a dead worker's "
+            "reclaim time (worker heartbeat_ttl_ms + claim_interval_s + one batch)"
+        ),
+    )
+    max_apply_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="a result whose alarm processing fails this often is dead-lettered",
     )
     lease_ttl_s: float = Field(default=5.0, gt=0.2, description="camera ownership lease")
     block_ms: int = Field(default=200, ge=1, le=4000, description="XREADGROUP BLOCK when idle")
@@ -140,7 +180,9 @@ class PublisherSettings(_Settings):
     overlays: bool = Field(default=True, description="attach heatmap overlay JPEGs to events")
     overlay_quality: int = Field(default=85, ge=1, le=100)
     dedupe_memory: int = Field(
-        default=4096, ge=16, description="recent frame ids remembered per camera for de-duplication"
+        default=100_000,
+        ge=16,
+        description="how far back (in seq numbers) applied seqs are remembered for de-duplication",
     )
     alarm: AlarmSettings = Field(default_factory=AlarmSettings)
     per_camera: dict[str, AlarmSettings] = Field(default_factory=dict)

@@ -219,3 +219,43 @@ def test_per_camera_overrides_merge_with_defaults():
     assert p.alarm_for("cam9").k == 2 and p.alarm_for("cam9").clear_after == 9
     assert p.alarm_for("cam9").cooldown_s == 7
     assert p.alarm_for("other").clear_after == 5
+
+
+def test_out_of_order_seq_is_handled_not_asserted():
+    """A camera that restarts its numbering (or a stray old seq) must not break the k-of-n rule."""
+    machine = AlarmStateMachine("cam1", settings(k=3, n=5))
+    got = []
+    for seq in (10, 11, 3, 12):  # arrival order; seq 3 is out of order
+        got += [(seq, t.event.type) for t in machine.observe(result(seq, True))]
+    assert got == [(3, "alarm.started")]
+    # the state survives a round trip and goes on identically
+    again = AlarmStateMachine.from_dict(json.loads(json.dumps(machine.to_dict())), settings())
+    ends = [t.event.type for s in (13, 14, 15) for t in again.observe(result(s, False))]
+    assert ends == ["alarm.ended"]
+
+
+def test_checkpoint_restore_undoes_a_frame_completely():
+    machine = AlarmStateMachine("cam1", settings(k=2, n=3))
+    feed(machine, "x")
+    before = machine.to_dict()
+    point = machine.checkpoint()
+    assert [t.event.type for t in machine.observe(result(1, True))] == ["alarm.started"]
+    machine.restore(point)
+    assert machine.to_dict() == before and not machine.active
+    # and the same frame again gives the same event
+    assert [t.event.type for t in machine.observe(result(1, True))] == ["alarm.started"]
+
+
+def test_state_format_1_still_loads():
+    old = {
+        "format": 1,
+        "cam": "cam1",
+        "window": [[True, 5, 500_000_000, "1005-0"], [False, 6, 600_000_000, "1006-0"]],
+        "window_hits": [result(5, True).model_dump_json()],
+        "cooldown_until_ns": 0,
+        "alarm": None,
+        "peak": None,
+        "peak_regions": [],
+    }
+    machine = AlarmStateMachine.from_dict(old, settings(k=2, n=3))
+    assert [t.event.type for t in machine.observe(result(7, True))] == ["alarm.started"]

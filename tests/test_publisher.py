@@ -35,7 +35,7 @@ def settings(**kw) -> PublisherSettings:
     base = {
         "block_ms": 20,
         "lease_ttl_s": 1.0,
-        "reorder_wait_ms": 400,
+        "max_gap_wait_ms": 400,
         "alarm": {"k": 2, "n": 3, "clear_after": 2, "cooldown_s": 0, "update_interval_s": 10},
     }
     return PublisherSettings.model_validate({**base, **kw})
@@ -163,7 +163,7 @@ def test_results_are_reordered_by_capture_order(client, keys):
     pub = AlarmPublisher(
         client,
         keys,
-        settings(reorder_wait_ms=5000, alarm={"k": 2, "n": 2, "clear_after": 1, "cooldown_s": 0}),
+        settings(max_gap_wait_ms=5000, alarm={"k": 2, "n": 2, "clear_after": 1, "cooldown_s": 0}),
         [CAM],
         worker_group=WORKERS,
     )
@@ -187,7 +187,7 @@ def test_results_are_reordered_by_capture_order(client, keys):
 def test_a_lost_frame_stalls_for_at_most_the_reorder_wait(client, keys):
     line = FakeLine(client, keys)
     line.capture(5)
-    pub = AlarmPublisher(client, keys, settings(reorder_wait_ms=300), [CAM], worker_group=WORKERS)
+    pub = AlarmPublisher(client, keys, settings(max_gap_wait_ms=300), [CAM], worker_group=WORKERS)
     # frame 0 stays pending at a dead worker forever; 1..4 arrive
     for seq in (1, 2, 3, 4):
         line.publish(seq, True)
@@ -332,4 +332,201 @@ def test_follow_alarms_and_cli_output(client, keys, tmp_path):
     out = io.StringIO()
     print_alarms(client, keys, start="0", count=1, out=out)
     assert "STARTED" in out.getvalue() and f"cam={CAM}" in out.getvalue()
+    pub.close()
+
+
+def replay(results: list[ResultMessage], cfg: PublisherSettings) -> list[tuple[str, str, str]]:
+    """What an in-order replay of ``results`` through the alarm machine emits."""
+    from pipeline.alarms import AlarmStateMachine
+
+    machine = AlarmStateMachine(CAM, cfg.alarm_for(CAM))
+    out = []
+    for r in sorted(results, key=lambda r: tuple(map(int, r.frame_id.split("-")))):
+        out += [(t.event.type, t.event.alarm_id, t.event.frame_id) for t in machine.observe(r)]
+    return out
+
+
+def emitted(client: redis.Redis, keys: StreamKeys) -> list[tuple[str, str, str]]:
+    return [(e.type, e.alarm_id, e.frame_id) for e in events(client, keys.camera_alarms(CAM))]
+
+
+def status_events(client: redis.Redis, keys: StreamKeys, kind: str) -> list[dict]:
+    from pipeline.observability import StatusEvent
+
+    rows = [StatusEvent.from_fields(f) for _, f in client.xrange(keys.status())]
+    return [r.model_dump() for r in rows if r.event == kind]
+
+
+def test_a_slow_frame_is_waited_for_and_alarms_equal_the_replay(client, keys):
+    """Issue #8.1: results that come late but within the bound are applied, in order."""
+    line = FakeLine(client, keys)
+    line.capture(10)
+    cfg = settings(max_gap_wait_ms=5000)
+    pub = AlarmPublisher(client, keys, cfg, [CAM], worker_group=WORKERS)
+    pattern = [0, 1, 1, 1, 0, 0, 1, 1, 0, 0]
+    for seq in range(10):
+        if seq != 2:  # frame 2 stays at a slow worker
+            line.publish(seq, bool(pattern[seq]))
+    deadline = time.monotonic() + 0.8  # longer than the old 400 ms reorder wait
+    while time.monotonic() < deadline:
+        pub.step()
+    assert pub.stats.results == 2 and pub.stats.late == 0  # seq 0 and 1, then the gap
+    line.publish(2, True)
+    pump(pub, lambda: pub.stats.results == 10)
+    assert pub.stats.late == 0 and pub.stats.gaps_given_up == 0
+    assert emitted(client, keys) == replay(
+        [line.result(s, bool(pattern[s])) for s in range(10)], cfg
+    )
+    assert client.xpending(keys.results(CAM), "publisher")["pending"] == 0
+    pub.close()
+
+
+def test_a_result_after_a_given_up_gap_is_reported_not_dropped(client, keys):
+    line = FakeLine(client, keys)
+    line.capture(5)
+    pub = AlarmPublisher(client, keys, settings(max_gap_wait_ms=200), [CAM], worker_group=WORKERS)
+    for seq in (1, 2, 3, 4):
+        line.publish(seq, False)
+    pump(pub, lambda: pub.stats.results == 4)
+    assert pub.stats.gaps_given_up == 1
+    line.publish(0, True)  # the held frame finally comes back
+    pump(pub, lambda: pub.stats.late == 1)
+    pub.step()
+    assert client.xpending(keys.results(CAM), "publisher")["pending"] == 0
+    (late,) = status_events(client, keys, "publisher.late_result")
+    assert late["cam"] == CAM and late["detail"]["seq"] == 0 and late["detail"]["anomalous"]
+    (gap,) = status_events(client, keys, "publisher.gap_given_up")
+    assert gap["detail"]["awaited_frame_id"] == line.frame_ids[0]
+    pub.close()
+
+
+def test_a_dead_lettered_frame_closes_its_gap_at_once(client, keys):
+    line = FakeLine(client, keys)
+    line.capture(4)
+    pub = AlarmPublisher(
+        client, keys, settings(max_gap_wait_ms=60_000), [CAM], worker_group=WORKERS
+    )
+    for seq in (0, 2, 3):
+        line.publish(seq, False)
+    client.xack(keys.frames(CAM), WORKERS, line.frame_ids[1])  # a worker dead-lettered it
+    t0 = time.monotonic()
+    pump(pub, lambda: pub.stats.results == 3, timeout=2.0)
+    assert time.monotonic() - t0 < 1.0 and pub.stats.gaps_given_up == 0
+    pub.close()
+
+
+def test_the_same_seq_under_two_frame_ids_is_applied_once(client, keys):
+    """Issue #8.2: a retried capture XADD must not reach the alarm logic twice."""
+    line = FakeLine(client, keys)
+    line.capture(6)
+    # frame 3 is a second copy of frame 2 (same seq), as a retried XADD would write
+    results = [line.result(s, s in (1, 2, 3)) for s in range(6)]
+    results[3] = results[2].model_copy(update={"frame_id": line.frame_ids[3]})
+    cfg = settings(alarm={"k": 3, "n": 3, "clear_after": 2, "cooldown_s": 0})
+    pub = AlarmPublisher(client, keys, cfg, [CAM], worker_group=WORKERS)
+    for seq, result in enumerate(results):
+        client.xack(keys.frames(CAM), WORKERS, line.frame_ids[seq])
+        client.xadd(keys.results(CAM), result.to_fields())
+    pump(pub, lambda: pub.stats.results + pub.stats.duplicates == 6)
+    assert pub.stats.duplicates == 1 and pub.stats.results == 5
+    assert events(client, keys.alarms()) == []  # 2 distinct anomalous frames: k=3 not reached
+    pub.close()
+
+
+def test_a_failing_result_is_retried_then_dead_lettered_and_nothing_half_done_is_stored(
+    client, keys, monkeypatch
+):
+    """Issue #8.3: an exception applying a result must not corrupt the state or stop the camera."""
+    from pipeline.alarms import AlarmStateMachine
+
+    line = FakeLine(client, keys)
+    line.capture(8)
+    real = AlarmStateMachine.observe
+
+    def observe(self, result):
+        transitions = real(self, result)  # mutate first, then fail: the worst case
+        if result.seq == 2:
+            raise RuntimeError("boom on seq 2")
+        return transitions
+
+    monkeypatch.setattr(AlarmStateMachine, "observe", observe)
+    cfg = settings(alarm={"k": 2, "n": 3, "clear_after": 2, "cooldown_s": 0})
+    pub = AlarmPublisher(client, keys, cfg, [CAM], worker_group=WORKERS)
+    pattern = [1, 0, 1, 1, 0, 0, 0, 0]
+    for seq, flag in enumerate(pattern):
+        line.publish(seq, bool(flag))
+    pump(pub, lambda: pub.stats.results == 7)
+    assert pub.stats.apply_failures == 3
+    ((_, dead),) = client.xrange(keys.deadletter(CAM))
+    assert dead[b"reason"] == b"apply_failed" and b"boom on seq 2" in dead[b"detail"]
+    # the replay without the dead-lettered result is what went out
+    kept = [line.result(s, bool(pattern[s])) for s in range(8) if s != 2]
+    assert emitted(client, keys) == replay(kept, cfg)
+    assert client.xpending(keys.results(CAM), "publisher")["pending"] == 0
+    pub.close()
+
+
+def test_a_crash_mid_step_commits_nothing_and_the_next_owner_redoes_it(client, keys):
+    line = FakeLine(client, keys)
+    line.capture(6)
+    cfg = settings()
+    first = AlarmPublisher(client, keys, cfg, [CAM], worker_group=WORKERS, name="pubA")
+    line.publish(0, False)
+    pump(first, lambda: first.stats.results == 1)
+    before = client.hgetall(keys.publisher_state(CAM))
+    for seq in range(1, 4):
+        line.publish(seq, True)
+    state = first.owned[CAM]
+    first._check_outstanding(state)
+    first._read_results(None)
+    first._release_in_order(state)
+    assert state.events  # an alarm.started was built...
+    first.close(commit=False)  # ...and the process died before committing it
+    assert events(client, keys.alarms()) == []
+    assert client.hgetall(keys.publisher_state(CAM)) == before
+    second = AlarmPublisher(client, keys, cfg, [CAM], worker_group=WORKERS, name="pubB")
+    pump(second, lambda: len(events(client, keys.alarms())) == 1)
+    assert emitted(client, keys) == replay([line.result(s, s > 0) for s in range(4)], cfg)
+    second.close()
+
+
+def test_an_unreadable_stored_state_is_set_aside_not_crash_looped(client, keys):
+    line = FakeLine(client, keys)
+    line.capture(3)
+    client.hset(
+        keys.publisher_state(CAM),
+        mapping={"machine": '{"format": 2, "cam": "cam1", "alarm": {"x": 1}}', "hwm_id": "0-0"},
+    )
+    pub = AlarmPublisher(client, keys, settings(), [CAM], worker_group=WORKERS)
+    for seq in range(3):
+        line.publish(seq, True)
+    pump(pub, lambda: len(events(client, keys.alarms())) == 1)
+    (reset,) = status_events(client, keys, "publisher.state_reset")
+    assert client.exists(reset["detail"]["moved_to"])
+    pub.close()
+
+
+def test_a_heatmap_bomb_loses_its_overlay_not_its_alarm(client, keys):
+    """Issue #8.4: a heat map that cannot be drawn must not swallow alarm.started."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 0, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    bomb += chunk(b"IEND", b"")
+    line = FakeLine(client, keys)
+    line.capture(3)
+    pub = AlarmPublisher(client, keys, settings(), [CAM], worker_group=WORKERS)
+    for seq in range(3):
+        result = line.result(seq, True).model_copy(update={"heatmap": bomb})
+        client.xack(keys.frames(CAM), WORKERS, line.frame_ids[seq])
+        client.xadd(keys.results(CAM), result.to_fields())
+    pump(pub, lambda: len(events(client, keys.alarms())) == 1)
+    (started,) = events(client, keys.alarms())
+    assert started.type == "alarm.started" and started.overlay is None
+    assert started.overlay_status in ("heatmap_undecodable", "render_failed")
     pub.close()
