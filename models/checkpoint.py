@@ -120,8 +120,26 @@ def load_checkpoint(path: Path, verify_hash: bool = True) -> tuple[EfficientAD, 
     return model, meta
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN/inf in any float tensor: such a model loads, scores NaN and never alarms."""
+    for key, tensor in state.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise CheckpointError(
+                f"{source}: {key} contains NaN or infinite values ({bad} of {tensor.numel()}); "
+                "the training run diverged or the file is corrupt"
+            )
+
+
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with an error that lists missing, unexpected and mis-shaped keys."""
+    """Strict load with an error that lists missing, unexpected and mis-shaped keys.
+
+    Non-finite values are refused too (``check_finite``): a NaN weight fails here, at load,
+    instead of silently at every inference.
+    """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -139,6 +157,7 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -
         if shapes:
             parts.append(f"shape mismatches {shapes[:4]}")
         raise CheckpointError(f"{source}: does not fit the network: " + "; ".join(parts))
+    check_finite(state, source)
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 

@@ -6,6 +6,7 @@ Nothing here knows about Redis; nothing in the pipeline needs to know about the 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from models.checkpoint import CheckpointError, load_checkpoint
-from models.networks import EfficientAD
+from models.networks import MIN_INPUT_SIZE, EfficientAD
 
 log = logging.getLogger(__name__)
+
+#: largest model input side accepted at load: above it one frame's feature maps take many GB
+MAX_INPUT_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,26 @@ class ModelInfo:
     score_min: float
     score_max: float
 
+    def __post_init__(self) -> None:
+        """Refuse values that load fine but break every inference (NaN never alarms)."""
+        for name in ("threshold", "score_min", "score_max"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise CheckpointError(
+                    f"{name} = {value!r}: must be a finite number "
+                    "(with NaN or inf no frame is ever judged correctly)"
+                )
+        height, width = self.image_size
+        if not all(MIN_INPUT_SIZE <= side <= MAX_INPUT_SIZE for side in (height, width)):
+            raise CheckpointError(
+                f"image_size = {height}x{width}: each side must be in "
+                f"[{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}] (EfficientAD's autoencoder needs at least "
+                f"{MIN_INPUT_SIZE} px; above {MAX_INPUT_SIZE} one frame needs many GB)"
+            )
+
     @classmethod
     def from_meta(cls, meta: dict) -> ModelInfo:
+        """Model info from ``model.json``; a missing, malformed or unusable field is refused."""
         try:
             return cls(
                 name=str(meta["name"]),
@@ -41,7 +63,9 @@ class ModelInfo:
                 score_min=float(meta["score_min"]),
                 score_max=float(meta["score_max"]),
             )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise CheckpointError(f"model metadata incomplete or malformed: {exc!r}") from exc
 
 
@@ -92,7 +116,11 @@ class InferenceEngine:
             raise CheckpointError(
                 f"{path}: map quantiles are not set; the model was not calibrated"
             )
-        return cls(model, ModelInfo.from_meta(meta), device, half)
+        try:
+            info = ModelInfo.from_meta(meta)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+        return cls(model, info, device, half)
 
     @classmethod
     def from_model(

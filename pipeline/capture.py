@@ -10,8 +10,15 @@ Two threads per camera, joined by a bounded buffer, so the camera never waits on
   reconnects with backoff when Redis is slow or down. When the buffer is full a live camera drops
   its oldest frame (counted); a replay waits instead, so no file frame is ever lost.
 
-``seq`` numbers every captured frame, dropped ones included (gaps mean drops); it continues from
-the last ``seq`` already in the stream, so a restarted capture does not reuse numbers.
+``seq`` numbers every captured frame, dropped ones included (gaps mean drops); it continues after
+the highest ``seq`` this camera ever wrote (kept in ``capture:{cam}:seq``) or finds in the stream's
+tail, so a restarted capture never reuses numbers, whatever entries the tail holds.
+
+Writes are idempotent: every frame gets an explicit entry id ``<ms>-<seq>`` (capture time in ms,
+raised when needed to stay above the stream's last id). When the Redis client retries a write
+after a timeout while the server did execute it (a frozen server), the retried XADD is refused as
+"equal or smaller than the top item"; the writer then checks that the entry with that id carries
+this frame's ``seq`` and counts it as written. No frame is ever in the stream twice.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pipeline.observability import (
     FRAMES_CAPTURED,
     FRAMES_DROPPED,
     FRAMES_WRITTEN,
+    HEARTBEAT,
     REDIS_ERRORS,
     StatusEvent,
     StatusEventType,
@@ -65,6 +73,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm"})
 _WRITE_BATCH_FRAMES = 32
 _WRITE_BATCH_BYTES = 16 * 1024 * 1024
+_RESUME_SCAN = 64  # newest entries inspected for the highest seq at start
+_ID_TOO_SMALL = "equal or smaller than the target stream top item"
 _FROZEN_STRIDE = 8  # compare every 8th pixel: a frozen stream repeats exactly, live noise does not
 
 
@@ -379,6 +389,7 @@ class _Encoded:
     h: int
     c: int
     data: bytes
+    entry_id: tuple[int, int] | None = None  # fixed at the first write attempt, kept for retries
 
 
 class _Buffer:
@@ -469,6 +480,7 @@ class _Writer(threading.Thread):
         self.fatal: str | None = None
         self.fatal_is_permanent = False
         self.seq_base: int | None = None
+        self._top: tuple[int, int] = (0, 0)  # the stream's last id as far as we know
         self._inflight: list[_Encoded] = []
         self._backoff = 0.0
         self._next_stats = time.monotonic() + camera.status_interval_s
@@ -494,6 +506,7 @@ class _Writer(threading.Thread):
             log.exception("capture writer failed", extra={"camera": self.camera.id})
             self.fatal = f"writer failed: {type(exc).__name__}: {exc}"
         finally:
+            HEARTBEAT.done(f"capture-writer:{self.camera.id}")
             leftover = len(self._inflight) + len(self.buffer.drain())
             if leftover:
                 self.count_dropped(leftover, "shutdown")
@@ -501,6 +514,7 @@ class _Writer(threading.Thread):
 
     def _loop(self) -> None:
         while True:
+            HEARTBEAT.beat(f"capture-writer:{self.camera.id}")
             if self.abort_at is not None and time.monotonic() > self.abort_at:
                 return
             if not self._inflight:
@@ -520,10 +534,12 @@ class _Writer(threading.Thread):
                 return
             try:
                 self._write()
-            except RedisVersionError as exc:
+            except (RedisVersionError, redis.exceptions.NoPermissionError) as exc:
                 self.fatal = str(exc)
+                if isinstance(exc, redis.exceptions.NoPermissionError):
+                    self.fatal = f"Redis refused a command (check the ACL user of capture): {exc}"
                 self.fatal_is_permanent = True
-                log.error(str(exc), extra={"camera": self.camera.id})
+                log.error(self.fatal, extra={"camera": self.camera.id})
                 return
             except redis.RedisError as exc:
                 self._on_redis_error(exc)
@@ -540,19 +556,24 @@ class _Writer(threading.Thread):
         return True
 
     def _write(self) -> None:
+        cam = self.camera.id
+        stream = self.keys.frames(cam)
         if self.seq_base is None:
             check_server_version(self.client)
             self.seq_base = self._resume_seq()
+            self._top = self._stream_top()
         pipe = self.client.pipeline(transaction=False)
         events = [self.events.popleft() for _ in range(len(self.events))]
         for event in events:
             emit_status(pipe, self.keys, event)
         frames = self._inflight
-        stream = self.keys.frames(self.camera.id)
         for item in frames:
+            seq = self.seq_base + item.index
+            if item.entry_id is None:
+                item.entry_id = self._next_id(item.ts_ns, seq)
             msg = FrameMessage(
-                cam=self.camera.id,
-                seq=self.seq_base + item.index,
+                cam=cam,
+                seq=seq,
                 ts_ns=item.ts_ns,
                 enc=item.enc,  # type: ignore[arg-type]
                 w=item.w,
@@ -560,32 +581,105 @@ class _Writer(threading.Thread):
                 c=item.c,
                 data=item.data,
             )
-            pipe.xadd(stream, msg.to_fields(), maxlen=self.camera.maxlen, approximate=True)
+            pipe.xadd(
+                stream,
+                msg.to_fields(),
+                id=f"{item.entry_id[0]}-{item.entry_id[1]}",
+                maxlen=self.camera.maxlen,
+                approximate=True,
+            )
+        if frames:
+            pipe.set(self.keys.capture_seq(cam), self.seq_base + frames[-1].index)
         try:
-            pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
         except BaseException:
             self.events.extendleft(reversed(events))  # keep them for the next attempt
             raise
-        if frames:
-            FRAMES_WRITTEN.labels(self.camera.id).inc(len(frames))
+        for reply in replies[: len(events)]:
+            if isinstance(reply, Exception):
+                raise reply  # the events were not written; frames follow the same rule below
+        failed = self._settle_replies(frames, replies[len(events) : len(events) + len(frames)])
+        if isinstance(replies[-1], Exception) and frames:
+            raise replies[-1]
+        written = [f for f in frames if f not in failed]
+        if written:
+            FRAMES_WRITTEN.labels(cam).inc(len(written))
             with self.stats_lock:
-                self.stats.frames_written += len(frames)
+                self.stats.frames_written += len(written)
                 if self.stats.first_seq is None:
-                    self.stats.first_seq = self.seq_base + frames[0].index
-                self.stats.last_seq = self.seq_base + frames[-1].index
-        self._inflight = []
+                    self.stats.first_seq = self.seq_base + written[0].index
+                self.stats.last_seq = self.seq_base + written[-1].index
+        self._inflight = failed  # retried (with fresh ids where theirs cannot be used)
+        if failed:
+            raise redis.ResponseError(f"{len(failed)} frame(s) not written yet; retrying")
+
+    def _settle_replies(self, frames: list[_Encoded], replies: list[object]) -> list[_Encoded]:
+        """Frames whose XADD did not take; a refused id that already holds the frame counts."""
+        failed: list[_Encoded] = []
+        for item, reply in zip(frames, replies, strict=True):
+            if not isinstance(reply, Exception):
+                continue
+            if isinstance(reply, redis.exceptions.NoPermissionError):
+                raise reply  # a configuration error, not something a retry fixes
+            if _ID_TOO_SMALL in str(reply) and self._already_written(item):
+                continue  # a retried write of an entry the server had already added
+            log.warning(
+                "frame write refused; retrying under a new id",
+                extra={"camera": self.camera.id, "error": str(reply)},
+            )
+            item.entry_id = None
+            self._top = max(self._top, self._stream_top())
+            failed.append(item)
+        return failed
+
+    def _already_written(self, item: _Encoded) -> bool:
+        assert item.entry_id is not None and self.seq_base is not None
+        entry = f"{item.entry_id[0]}-{item.entry_id[1]}"
+        rows = self.client.xrange(self.keys.frames(self.camera.id), entry, entry, count=1)
+        if not rows:
+            return False
+        fields = rows[0][1]
+        return fields.get(b"seq") == str(self.seq_base + item.index).encode()
+
+    def _next_id(self, ts_ns: int, seq: int) -> tuple[int, int]:
+        """``<ms>-<seq>`` above the stream's last id: ordered, and a retry is recognisable."""
+        ms = max(ts_ns // 1_000_000, self._top[0])
+        if (ms, seq) <= self._top:
+            ms = self._top[0] + 1
+        self._top = (ms, seq)
+        return self._top
+
+    def _stream_top(self) -> tuple[int, int]:
+        """The stream's last generated id (new ids must exceed it even if that entry is gone)."""
+        try:
+            info = self.client.xinfo_stream(self.keys.frames(self.camera.id))
+        except redis.ResponseError:  # no such key yet
+            return (0, 0)
+        raw = info.get("last-generated-id") or info.get(b"last-generated-id") or b"0-0"
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        ms, _, part = text.partition("-")
+        return int(ms), int(part or 0)
 
     def _resume_seq(self) -> int:
-        """One past the last ``seq`` in the stream, so restarts never reuse numbers."""
-        last = self.client.xrevrange(self.keys.frames(self.camera.id), count=1)
-        if not last:
-            return 0
-        fields = last[0][1]
-        raw = fields.get(b"seq", fields.get("seq"))
-        try:
-            return int(raw) + 1
-        except (TypeError, ValueError):
-            return 0
+        """One past the highest ``seq`` this camera wrote, so restarts never reuse numbers.
+
+        The counter key is the lower bound (it survives a tail of foreign or seq-less entries);
+        the newest stream entries of this camera can be ahead of it when a write was cut off
+        between the frames and the counter.
+        """
+        cam = self.camera.id
+        best = -1
+        counter = self.client.get(self.keys.capture_seq(cam))
+        with contextlib.suppress(TypeError, ValueError):
+            best = max(best, int(counter))  # type: ignore[arg-type]
+        for _, fields in self.client.xrevrange(self.keys.frames(cam), count=_RESUME_SCAN):
+            if fields.get(b"cam") != cam.encode():
+                continue
+            with contextlib.suppress(TypeError, ValueError):
+                seq = int(fields.get(b"seq"))  # type: ignore[arg-type]
+                if seq >= 0:
+                    best = max(best, seq)
+        return best + 1
 
     def _on_redis_error(self, exc: redis.RedisError) -> None:
         REDIS_ERRORS.labels("capture").inc()
@@ -716,6 +810,7 @@ class _CameraCapture:
             self.stats.error = f"{type(exc).__name__}: {exc}"
             self._event("camera.error", self.stats.error)
         finally:
+            HEARTBEAT.done(f"capture:{self.camera.id}")  # a long final flush is not a hang
             if self.stop.is_set() or self.stats.error is not None:
                 self.writer.flush_deadline(self.flush_timeout_s)
             else:
@@ -727,6 +822,11 @@ class _CameraCapture:
                 self.stats.error_is_permanent = self.writer.fatal_is_permanent
             self.stats.duration_s = time.time() - self.stats.started_at
         return self.stats
+
+    def _beat(self) -> None:
+        # reconnect backoff and the offline watchdog are legitimate pauses of this loop
+        limit = self.camera.reconnect_max_s + self.camera.offline_after_s
+        HEARTBEAT.beat(f"capture:{self.camera.id}", limit_s=limit)
 
     def _aborting(self) -> bool:
         return self.stop.is_set() or not self.writer.is_alive()
@@ -741,6 +841,7 @@ class _CameraCapture:
         delay = self.camera.reconnect_initial_s
         first = True
         while not self.stop.is_set() and self.writer.fatal is None:
+            self._beat()
             source = open_source(self.camera)
             try:
                 if not first:
@@ -790,6 +891,7 @@ class _CameraCapture:
         delivered = 0
         poll = min(0.25, self.camera.offline_after_s / 4)
         while not self.stop.is_set():
+            self._beat()
             if self.writer.fatal is not None:
                 return delivered
             if period:

@@ -7,8 +7,10 @@ last ``event.stream_id`` it handled as ``start``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -114,11 +116,37 @@ def format_event(event: AlarmRecord) -> str:
     return "  ".join(parts)
 
 
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+MAX_FILE_NAME_CHARS = 80
+
+
+def safe_file_name(text: str) -> str:
+    """``text`` as one harmless path component: [A-Za-z0-9_.-] only, no leading dot, no "..".
+
+    Camera and alarm ids come from a stream anyone with Redis access can write to, so they must
+    not steer a file outside the save directory. A name that had to change (or be cut to
+    ``MAX_FILE_NAME_CHARS``) gets a short hash of the original, so distinct ids stay distinct.
+    """
+    name = re.sub(r"\.{2,}", ".", _UNSAFE_CHARS.sub("_", text)).lstrip(".")
+    if name == text and 0 < len(name) <= MAX_FILE_NAME_CHARS:
+        return name
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{name[:MAX_FILE_NAME_CHARS]}~{digest}" if name else f"~{digest}"
+
+
 def save_event_files(event: AlarmRecord, directory: Path) -> list[Path]:
-    """Write mask PNG, overlay JPEG and the event JSON under ``directory/cam/alarm_id/``."""
-    folder = directory / event.cam / event.alarm_id
+    """Write mask PNG, overlay JPEG and the event JSON under ``directory/cam/alarm_id/``.
+
+    ``cam`` and ``alarm_id`` are made safe file names (``safe_file_name``) and the result must
+    resolve inside ``directory``: an event cannot write anywhere else.
+    """
+    folder = Path(directory) / safe_file_name(event.cam) / safe_file_name(event.alarm_id)
+    root = Path(directory).resolve()
+    if not folder.resolve().is_relative_to(root):  # e.g. a symlink planted in the save dir
+        raise ValueError(f"refusing to save alarm files outside {root}: {folder.resolve()}")
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{event.stream_id or event.ts_ns}-{event.type.removeprefix('alarm.')}"
+    kind = event.type.removeprefix("alarm.")
+    stem = safe_file_name(f"{event.stream_id or event.ts_ns}-{kind}")
     written = []
     if event.mask:
         path = folder / f"{stem}-mask.png"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,6 +26,8 @@ from models.checkpoint import (
     save_teacher,
     sha256_file,
 )
+from models.cli import register
+from models.inference import InferenceEngine
 from models.networks import EfficientAD, PDNSmall
 from models.training_state import has_training_state, load_training_state, save_training_state
 
@@ -149,6 +154,70 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(saved, tmp_path):
     resave_weights(shape, {**state, "teacher.conv4.bias": torch.zeros(768)})
     with pytest.raises(CheckpointError, match=r"teacher.conv4.bias: file \(768,\) vs net \(384,\)"):
         load_checkpoint(shape)
+
+
+# ------------------------------------------------------------------ unusable models refused at load
+
+FULL_META = {**META, "image_size": [256, 256], "score_min": 0.0, "score_max": 1.0}
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory) -> Path:
+    """A complete model directory InferenceEngine.load accepts (copy before changing it)."""
+    return save_checkpoint(calibrated_model(), FULL_META, tmp_path_factory.mktemp("eng") / "m")
+
+
+def test_a_complete_model_loads(engine_dir):
+    engine = InferenceEngine.load(engine_dir, device="cpu")
+    assert engine.info.threshold == 0.25 and engine.info.image_size == (256, 256)
+
+
+@pytest.mark.parametrize(
+    ("change", "shown"),
+    [
+        ({"threshold": float("nan")}, "threshold = nan"),
+        ({"threshold": float("inf")}, "threshold = inf"),
+        ({"score_min": float("-inf")}, "score_min = -inf"),
+        ({"score_max": float("nan")}, "score_max = nan"),
+        ({"image_size": [100, 100]}, "image_size = 100x100"),
+        ({"image_size": [256, 100_000]}, "image_size = 256x100000"),
+    ],
+)
+def test_unusable_metadata_is_refused_at_load_naming_field_and_value(
+    engine_dir, tmp_path, change, shown
+):
+    """Before: a NaN threshold loaded and never alarmed; a bad size failed only at inference."""
+    bad = copy_dir(engine_dir, tmp_path / "bad")
+    rewrite_meta(bad, **change)  # json writes NaN/Infinity, as a careless exporter would
+    with pytest.raises(CheckpointError) as info:
+        InferenceEngine.load(bad, device="cpu")
+    assert shown in str(info.value) and str(bad) in str(info.value)
+    if "image_size" in change:
+        assert "[256, 4096]" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["student.conv4.weight", "quantiles.qb_st", "mean_std.std"])
+def test_non_finite_weights_are_refused_at_load(engine_dir, tmp_path, key):
+    state = load_file(str(engine_dir / WEIGHTS_FILE))
+    state[key].view(-1)[0] = float("nan") if key != "quantiles.qb_st" else float("inf")
+    bad = copy_dir(engine_dir, tmp_path / "bad")
+    resave_weights(bad, state)
+    with pytest.raises(CheckpointError, match=rf"{key} contains NaN or infinite values \(1 of"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        InferenceEngine.load(bad, device="cpu")
+
+
+def test_cli_exits_2_for_an_unusable_model(engine_dir, tmp_path, capsys):
+    bad = copy_dir(engine_dir, tmp_path / "bad")
+    rewrite_meta(bad, threshold=float("nan"))
+    image = tmp_path / "part.png"
+    assert cv2.imwrite(str(image), np.full((256, 256, 3), 90, np.uint8))
+    parser = argparse.ArgumentParser(prog="efficientad")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["predict", "--model", str(bad), str(image), "--device", "cpu"])
+    assert args.func(args) == 2
+    assert "threshold = nan" in capsys.readouterr().err
 
 
 class _Trap:

@@ -7,6 +7,7 @@ and SIGTERM finishes the in-flight batch in a real subprocess.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -26,8 +27,15 @@ from models.checkpoint import save_checkpoint
 from models.inference import InferenceEngine, ModelInfo
 from models.networks import EfficientAD
 from pipeline.stage_settings import WorkerSettings
-from pipeline.wire import FrameMessage, ResultMessage, encode_image, original_fields
+from pipeline.wire import (
+    FrameMessage,
+    ImageTooLargeError,
+    ResultMessage,
+    encode_image,
+    original_fields,
+)
 from tests import pipeline_support
+from tests.test_wire import jpeg_declaring, png_bomb
 from worker.batching import BatchCollector
 from worker.decode import decode_frames
 from worker.service import FrameEntry, FrameWorker, _Outcome
@@ -160,6 +168,57 @@ def test_decode_isolates_bad_frames():
     assert "declared" in str(out[2])
 
 
+def test_decode_checks_headers_before_decoding(monkeypatch):
+    good = FrameMessage(
+        cam="a", seq=0, ts_ns=1, enc="png", w=W, h=H, c=3, data=encode_image(noisy_frame(), "png")
+    )
+    bomb = good.model_copy(update={"w": 50_000, "h": 50_000, "data": png_bomb()})
+    jpeg = good.model_copy(update={"enc": "jpeg", "w": 16_000, "h": 16_000})
+    jpeg = jpeg.model_copy(update={"data": jpeg_declaring()})
+    seen = spy_decoder(monkeypatch)
+    out = decode_frames([bomb, good, jpeg], torch.device("cpu"), (256, 256), max_pixels=10**6)
+    assert isinstance(out[0], ImageTooLargeError) and isinstance(out[2], ImageTooLargeError)
+    assert isinstance(out[1], torch.Tensor) and out[1].shape == (3, 256, 256)
+    assert seen == [len(good.data)]  # the decoder only ever saw the good frame
+
+
+def test_decode_time_resize_scores_like_prepare_time_resize(engine):
+    """Resizing uint8 right after decode (no full-size float copy) matches training's resize.
+
+    The old path handed the full frame to ``prepare`` (float, bilinear + antialias, as in
+    training); torch's uint8 antialias kernel is the same filter, rounded to uint8.
+    """
+    rgb_part = np.random.default_rng(2).integers(60, 200, (600, 800, 3), dtype=np.uint8)
+    rgb_part = cv2.GaussianBlur(rgb_part, (0, 0), 3)  # texture at several scales
+    frames = [
+        FrameMessage(cam="a", seq=i, ts_ns=1, enc="png", w=w, h=h, c=3, data=encode_image(f, "png"))
+        for i, f in enumerate([noisy_frame(), plain_frame(), rgb_part])
+        for h, w in [f.shape[:2]]
+    ]
+    size = engine.info.image_size
+    for frame in frames:
+        (full,) = decode_frames([frame], torch.device("cpu"))
+        (small,) = decode_frames([frame], torch.device("cpu"), size)
+        assert small.dtype == torch.uint8 and tuple(small.shape) == (3, *size)
+        a, b = engine.predict(full.unsqueeze(0)), engine.predict(small.unsqueeze(0))
+        map_diff = np.abs(a.maps - b.maps).max() / np.abs(a.maps).max()
+        score_diff = abs(a.scores[0] - b.scores[0]) / abs(a.scores[0])
+        assert map_diff < 0.01 and score_diff < 0.005, (frame.w, map_diff, score_diff)
+
+
+def spy_decoder(monkeypatch) -> list[int]:
+    """Record the size of every buffer cv2.imdecode is given (it still decodes)."""
+    seen: list[int] = []
+    real = cv2.imdecode
+
+    def spy(buf, flags):
+        seen.append(len(buf))
+        return real(buf, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", spy)
+    return seen
+
+
 # ------------------------------------------------------------------------------- integration
 
 
@@ -277,6 +336,29 @@ def test_frames_of_a_dead_consumer_are_claimed(client, keys, engine):
     assert pending(client, keys, cam) == 0
 
 
+def test_a_dead_workers_frames_come_back_at_once_a_live_ones_stay(client, keys, engine):
+    """Issue #8.1: no 30 s wait for a killed worker; a live but slow one keeps its frames."""
+    cam = "cam1"
+    cfg = settings(claim_min_idle_ms=60_000, claim_interval_s=0.1, dead_claim_min_idle_ms=100)
+    worker = FrameWorker(client, keys, cfg, {cam: engine}, consumer="alive")
+    worker.ensure_groups()
+    dead_frame = add_frame(client, keys, cam, 0)
+    busy_frame = add_frame(client, keys, cam, 1)
+    client.xreadgroup("workers", "dead", {keys.frames(cam): ">"}, count=1)  # no heartbeat
+    client.xreadgroup("workers", "busy", {keys.frames(cam): ">"}, count=1)
+    client.set(keys.worker_alive("busy"), 1, px=60_000)  # alive, just slow
+    t0 = time.monotonic()
+    stats = worker.run(max_results=1, idle_exit_s=10)
+    assert time.monotonic() - t0 < 5.0
+    assert stats.claimed == 1
+    (res,) = results(client, keys, cam)
+    assert res.frame_id == dead_frame and res.worker == "alive"
+    (still,) = client.xpending_range(keys.frames(cam), "workers", "-", "+", 10)
+    assert still["message_id"].decode() == busy_frame and still["consumer"] == b"busy"
+    # a clean stop removes the worker's own heartbeat, which it kept while running
+    assert not client.exists(keys.worker_alive("alive"))
+
+
 def test_poison_frames_are_dead_lettered_after_max_deliveries(client, keys, engine):
     cam = "cam1"
     worker = FrameWorker(client, keys, settings(max_deliveries=2), {cam: engine}, consumer="w1")
@@ -311,7 +393,72 @@ def test_bad_frames_go_to_the_dead_letter_stream_with_a_reason(client, keys, eng
     assert b"not a decodable jpeg" in by_reason["undecodable"]["detail"]
     assert any(d["detail"].startswith(b"field 'w'") for d in deadletters(client, keys, cam))
     assert "data" not in by_reason["too_old"]  # the backlog is not copied
-    assert by_reason["oversize"]["data"] == encode_image(big, "raw")
+    jpeg_bytes = len(encode_image(plain_frame(), "jpeg"))
+    assert int(by_reason["too_old"]["data.dropped_bytes"]) == jpeg_bytes
+    # a 120 kB payload is not kept for ten times a frame's life, only its length and hash
+    oversize = by_reason["oversize"]
+    assert "data" not in oversize and int(oversize["data.dropped_bytes"]) == 200 * 200 * 3
+    expected = hashlib.sha256(encode_image(big, "raw")).hexdigest()
+    assert oversize["data.dropped_sha256"].decode() == expected
+
+
+def test_hostile_images_are_dead_lettered_and_the_frames_around_them_scored(
+    client, keys, engine, monkeypatch
+):
+    """Before: the PNG bomb's cv2.error ended the worker (exit 1) on every delivery, and the JPEG
+    declaring 16000x16000 was decoded to a 768 MB array."""
+    cam = "cam1"
+    worker = FrameWorker(client, keys, settings(max_wait_ms=0), {cam: engine})
+    worker.ensure_groups()
+    jpeg = encode_image(plain_frame(), "jpeg")
+    good = [add_frame(client, keys, cam, 0)]
+    add_frame(client, keys, cam, 1, enc="png", w=50_000, h=50_000, data=png_bomb())
+    add_frame(client, keys, cam, 2, w=16_000, h=16_000, data=jpeg_declaring())
+    add_frame(client, keys, cam, 3, data=jpeg_declaring())  # declares 64x48, header 16000x16000
+    add_frame(client, keys, cam, 4, enc="png", data=jpeg)  # enc says png, bytes are a JPEG
+    good.append(add_frame(client, keys, cam, 5))
+    seen = spy_decoder(monkeypatch)
+    stats = worker.run(max_results=2, idle_exit_s=10)  # a CPU batch can outlast a short idle
+    assert sorted(r.frame_id for r in results(client, keys, cam)) == good
+    by_seq = {int(d["seq"]): d for d in deadletters(client, keys, cam)}
+    assert {seq: d["reason"] for seq, d in by_seq.items()} == {
+        1: b"oversize",
+        2: b"oversize",
+        3: b"undecodable",
+        4: b"malformed",
+    }
+    assert b"2500000000 pixels" in by_seq[1]["detail"]
+    assert b"max_frame_pixels=40000000" in by_seq[2]["detail"]
+    assert b"header says 16000x16000, declared 64x48" in by_seq[3]["detail"]
+    assert b"data is a jpeg image, not png" in by_seq[4]["detail"]
+    assert seen == [len(jpeg), len(jpeg)]  # the decoder only ever ran on the two good frames
+    assert stats.results == 2 and pending(client, keys, cam) == 0
+
+
+def test_a_decoder_error_is_a_dead_letter_not_a_crash(client, keys, engine):
+    """With the pixel limit out of the way, OpenCV itself raises cv2.error on the PNG bomb."""
+    cam = "cam1"
+    cfg = settings(max_wait_ms=0, max_frame_pixels=10**10)
+    worker = FrameWorker(client, keys, cfg, {cam: engine})
+    worker.ensure_groups()
+    good = add_frame(client, keys, cam, 0)
+    add_frame(client, keys, cam, 1, enc="png", w=50_000, h=50_000, data=png_bomb())
+    stats = worker.run(max_results=1, idle_exit_s=10)
+    assert [r.frame_id for r in results(client, keys, cam)] == [good]
+    (dead,) = deadletters(client, keys, cam)
+    assert dead["reason"] == b"undecodable" and b"not a decodable png" in dead["detail"]
+    assert stats.results == 1 and pending(client, keys, cam) == 0
+
+
+def test_max_frame_pixels_is_a_worker_setting(client, keys, engine):
+    cam = "cam1"
+    worker = FrameWorker(client, keys, settings(max_frame_pixels=W * H - 1), {cam: engine})
+    worker.ensure_groups()
+    add_frame(client, keys, cam, 0)
+    worker.run(idle_exit_s=0.3)
+    (dead,) = deadletters(client, keys, cam)
+    assert dead["reason"] == b"oversize" and dead["data"]  # a small frame stays replayable
+    assert FrameMessage.from_fields(original_fields(dead)).w == W
 
 
 def test_a_result_for_a_frame_acked_elsewhere_is_removed(client, keys, engine):

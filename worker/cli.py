@@ -2,7 +2,8 @@
 
 Each handler returns the exit code: 0 done (also after SIGTERM/SIGINT), 1 runtime failure,
 2 bad configuration or arguments (the same code every stage uses, so ``efficientad run`` does not
-restart a child whose config can never work).
+restart a child whose config can never work), including a Redis user that lacks a permission of
+its role (NOPERM, at connect or later).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     import redis
 
     from models.inference import InferenceEngine
+    from pipeline.observability import Heartbeat
 
 __all__ = ["register"]
 
@@ -101,14 +103,46 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _connect(config: LineConfig, name: str) -> redis.Redis | None:
-    from pipeline.redis_conn import RedisUnavailableError, RedisVersionError, connect
+def _connect(config: LineConfig, name: str) -> tuple[redis.Redis | None, int]:
+    """(client, 0), or (None, exit code) after printing why."""
+    from pipeline.redis_conn import (
+        RedisPermissionError,
+        RedisUnavailableError,
+        RedisVersionError,
+        connect,
+    )
 
     try:
-        return connect(config.redis, client_name=name)
+        return connect(config.redis, client_name=name), EXIT_OK
+    except RedisPermissionError as exc:
+        print(f"efficientad: {exc}", file=sys.stderr)
+        return None, EXIT_CONFIG_ERROR
     except (RedisUnavailableError, RedisVersionError) as exc:
         print(f"efficientad: {exc}", file=sys.stderr)
-        return None
+        return None, EXIT_FAILURE
+
+
+def _permission_denied(exc: BaseException, command: str) -> bool:
+    """Print and say True when ``exc`` is an ACL denial (exit 2, a restart cannot fix it)."""
+    from pipeline.redis_conn import is_permission_error
+
+    if not is_permission_error(exc):
+        return False
+    print(
+        f"efficientad {command}: the Redis user lacks a permission ({exc}); give it the role's "
+        "ACL (`efficientad redis-acl`, pipeline/acl.py)",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _heartbeat(config: LineConfig) -> Heartbeat:
+    """The process heartbeat for /healthz, its limit above the longest legitimate Redis stall."""
+    from pipeline.observability import HEARTBEAT
+    from pipeline.redis_conn import stall_limit_s
+
+    HEARTBEAT.min_limit_s = max(HEARTBEAT.min_limit_s, stall_limit_s(config.redis))
+    return HEARTBEAT
 
 
 def _cameras(config: LineConfig, wanted: list[str], command: str) -> list[str] | None:
@@ -180,14 +214,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"efficientad worker: cannot load a model: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     consumer = config.worker.consumer_name(args.index)
-    client = _connect(config, consumer)
+    client, code = _connect(config, consumer)
     if client is None:
-        return EXIT_FAILURE
+        return code
     worker = FrameWorker(client, config.keys, config.worker, engines, consumer=consumer)
     worker.install_signal_handlers()
-    server = start_metrics_server(config.metrics, redis_ready_check(client))
+    server = start_metrics_server(
+        config.metrics, redis_ready_check(client), heartbeat=_heartbeat(config)
+    )
     try:
         worker.run(max_results=args.max_results, idle_exit_s=args.idle_exit)
+    except Exception as exc:
+        if _permission_denied(exc, "worker"):
+            return EXIT_CONFIG_ERROR
+        raise
     finally:
         if server is not None:
             server.close()
@@ -206,9 +246,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     cameras = _cameras(config, args.camera, "publish")
     if cameras is None:
         return EXIT_CONFIG_ERROR
-    client = _connect(config, config.publisher.consumer_name())
+    client, code = _connect(config, config.publisher.consumer_name())
     if client is None:
-        return EXIT_FAILURE
+        return code
     try:
         publisher = AlarmPublisher(
             client,
@@ -222,9 +262,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
         client.close()
         return EXIT_CONFIG_ERROR
     publisher.install_signal_handlers()
-    server = start_metrics_server(config.metrics, redis_ready_check(client))
+    server = start_metrics_server(
+        config.metrics, redis_ready_check(client), heartbeat=_heartbeat(config)
+    )
     try:
         publisher.run(idle_exit_s=args.idle_exit)
+    except Exception as exc:
+        if _permission_denied(exc, "publish"):
+            return EXIT_CONFIG_ERROR
+        raise
     finally:
         if server is not None:
             server.close()
@@ -239,9 +285,9 @@ def cmd_alarms(args: argparse.Namespace) -> int:
     config = load_command_config(args)
     if config is None:
         return EXIT_CONFIG_ERROR
-    client = _connect(config, "alarms-cli")
+    client, code = _connect(config, "alarms-cli")
     if client is None:
-        return EXIT_FAILURE
+        return code
     try:
         print_alarms(
             client,
@@ -257,6 +303,10 @@ def cmd_alarms(args: argparse.Namespace) -> int:
         pass
     except BrokenPipeError:  # `efficientad alarms | head`
         sys.stderr.close()
+    except Exception as exc:
+        if _permission_denied(exc, "alarms"):
+            return EXIT_CONFIG_ERROR
+        raise
     finally:
         client.close()
     return EXIT_OK

@@ -4,8 +4,11 @@ Delivery rules (Redis Streams is at-least-once; see research/streaming.md sectio
 
 - One consumer group ("workers") over all configured camera streams; the consumer name is stable
   across restarts, so at start the worker re-reads its OWN pending entries (id 0) and finishes them.
-- Every ``claim_interval_s`` it XAUTOCLAIMs entries another consumer left idle for longer than
-  ``claim_min_idle_ms`` (a dead or hung worker), its own lost ones included.
+- A heartbeat key (``worker.liveness``) says the worker is alive. Every ``claim_interval_s`` it
+  claims the pending frames of consumers without one (dead: their frames come back within about
+  ``heartbeat_ttl_ms`` + ``claim_interval_s``), and XAUTOCLAIMs entries any consumer left idle
+  for longer than ``claim_min_idle_ms`` (a hung worker that still beats), its own lost ones
+  included.
 - A re-read or claimed entry runs alone (batch of 1), so a frame that kills the process only
   raises its own delivery count; once that count exceeds ``max_deliveries`` it is dead-lettered.
   A frame the model raises on is retried alone, stays pending meanwhile and is re-read after a
@@ -42,18 +45,26 @@ import torch
 
 from pipeline import observability as obs
 from pipeline.lifecycle import GracefulStop
-from pipeline.redis_conn import ensure_group, is_cluster
+from pipeline.redis_conn import (
+    RedisPermissionError,
+    ensure_group,
+    is_cluster,
+    is_permission_error,
+)
 from pipeline.stage_settings import WorkerSettings
 from pipeline.wire import (
     FieldMap,
     FrameMessage,
+    ImageTooLargeError,
     ResultMessage,
     StreamKeys,
     WireError,
+    check_frame,
     deadletter_fields,
 )
 from worker.batching import BatchCollector
 from worker.decode import decode_frames
+from worker.liveness import Heartbeat, dead_consumers
 from worker.postprocess import postprocess
 
 if TYPE_CHECKING:
@@ -232,6 +243,9 @@ class FrameWorker(GracefulStop):
         self._is_cluster = is_cluster(client)
         self._background = _Background()
         self._publish_script = client.register_script(PUBLISH_SCRIPT)
+        self._heartbeat = Heartbeat(
+            client, keys.worker_alive(self.consumer), settings.heartbeat_ttl_ms
+        )
         self.stats = WorkerStats()
 
     # ------------------------------------------------------------------------------- control
@@ -239,6 +253,7 @@ class FrameWorker(GracefulStop):
     def run(self, max_results: int | None = None, idle_exit_s: float | None = None) -> WorkerStats:
         """Serve until stopped (or ``max_results`` written, or idle for ``idle_exit_s``)."""
         self.ensure_groups()
+        self._heartbeat.start()
         self._emit_status("process.started")
         log.info(
             "worker started",
@@ -255,6 +270,7 @@ class FrameWorker(GracefulStop):
             self._background = _Background()
         try:
             while not self.stopping:
+                obs.HEARTBEAT.beat("worker")
                 try:
                     if need_recovery or self._retry_due():
                         self._retry_at = None
@@ -264,12 +280,14 @@ class FrameWorker(GracefulStop):
                             last_work = time.monotonic()
                         need_recovery = False
                     if time.monotonic() >= next_claim:
+                        self.claim_from_dead()
                         self.claim_abandoned()
                         self._update_pending_gauges()
                         next_claim = time.monotonic() + self.settings.claim_interval_s
                     if self._read_once() or any(len(c) for c in self._collectors.values()):
                         last_work = time.monotonic()
-                    self._process_ready(force=False)
+                    if self._process_ready(force=False):
+                        last_work = time.monotonic()  # a long batch is work, not idleness
                 except redis.ResponseError as exc:
                     if "NOGROUP" not in str(exc):
                         raise
@@ -292,6 +310,7 @@ class FrameWorker(GracefulStop):
         finally:
             self._settle_background()
             self._background.close()
+            self._heartbeat.stop()
             self._emit_status("process.stopped")
             log.info(
                 "worker stopped",
@@ -366,6 +385,7 @@ class FrameWorker(GracefulStop):
             key = self.keys.frames(cam)
             cursor = "0"
             while not self.stopping:
+                obs.HEARTBEAT.beat("worker")
                 reply = self.client.xreadgroup(
                     self.settings.group, self.consumer, {key: cursor}, count=1
                 )
@@ -385,6 +405,47 @@ class FrameWorker(GracefulStop):
         if done:
             log.info("finished own pending entries from a previous run", extra={"count": done})
         return done
+
+    def claim_from_dead(self) -> int:
+        """Claim the pending frames of consumers whose heartbeat expired, and finish them singly."""
+        claimed = 0
+        min_idle = self.settings.dead_claim_min_idle_ms
+        for cam in self.cameras:
+            key = self.keys.frames(cam)
+            group = self.settings.group
+            for dead in dead_consumers(
+                self.client, key, group, self.keys.worker_alive, self.consumer
+            ):
+                if self.stopping:
+                    return claimed
+                rows = self.client.xpending_range(
+                    key, group, "-", "+", self.settings.batch_size, consumername=dead, idle=min_idle
+                )
+                ids = [_text(r["message_id"]) for r in rows]
+                if not ids:
+                    continue
+                entries = self.client.xclaim(key, group, self.consumer, min_idle, ids)
+                got = {_text(e): f for e, f in entries if e is not None}
+                # Redis 6.2 returns trimmed entries without fields; Redis 7 drops them from the
+                # PEL silently (nothing left to score, and the publisher's gap closes at once)
+                vanished = [i for i in ids if i in got and not got[i]]
+                if vanished:
+                    self._record_vanished(cam, vanished)
+                log.warning(
+                    "claiming the frames of a dead worker",
+                    extra={"camera": cam, "dead": dead, "count": len(got)},
+                )
+                for entry_id, fields in got.items():
+                    if not fields:
+                        continue
+                    entry = FrameEntry(cam, entry_id, fields, time.time_ns())
+                    entry.deliveries = self._delivery_count(cam, entry_id)
+                    obs.REDELIVERIES.labels(cam).inc()
+                    self.stats.claimed += 1
+                    claimed += 1
+                    self._process_batch(self.engines[cam], [entry])
+                    self._background.drain()
+        return claimed
 
     def claim_abandoned(self) -> int:
         """XAUTOCLAIM entries idle > claim_min_idle_ms (dead peers) and finish them singly."""
@@ -471,10 +532,14 @@ class FrameWorker(GracefulStop):
 
     # ---------------------------------------------------------------------------- processing
 
-    def _process_ready(self, force: bool) -> None:
+    def _process_ready(self, force: bool) -> int:
+        """Run every batch that is due; returns how many batches ran."""
+        done = 0
         for key, collector in self._collectors.items():
             while len(collector) and (force or collector.ready()):
                 self._process_batch(self._engine_by_id[key], collector.take())
+                done += 1
+        return done
 
     def _process_batch(self, engine: InferenceEngine, entries: list[FrameEntry]) -> None:
         outcomes: list[_Outcome] = []
@@ -526,6 +591,13 @@ class FrameWorker(GracefulStop):
                     reason="too_old",
                     detail=f"captured {age_s:.3f} s ago, max_age_s={self.settings.max_age_s}",
                 )
+        try:  # header only: no decoder ever allocates for a size nobody checked
+            check_frame(frame, max_pixels=self.settings.max_frame_pixels)
+        except ImageTooLargeError as exc:
+            return _Outcome(entry, reason="oversize", detail=str(exc))
+        except WireError as exc:  # enc names the other format (malformed), or bad bytes/size
+            reason = "malformed" if exc.field == "enc" else "undecodable"
+            return _Outcome(entry, reason=reason, detail=str(exc))
         entry.frame = frame
         return None
 
@@ -536,7 +608,9 @@ class FrameWorker(GracefulStop):
         model = engine.info.name
         frames = [e.frame for e in entries if e.frame is not None]
         t0 = time.perf_counter()
-        decoded = decode_frames(frames, engine.device)
+        decoded = decode_frames(
+            frames, engine.device, engine.info.image_size, self.settings.max_frame_pixels
+        )
         decode_s = time.perf_counter() - t0
         obs.DECODE_LATENCY.labels(model).observe(decode_s)
         rejected: list[_Outcome] = []
@@ -710,6 +784,8 @@ class FrameWorker(GracefulStop):
                 args += [name, value]
         keys = [self.keys.frames(cam), self.keys.results(cam), self.keys.deadletter(cam)]
         replies = self._publish_script(keys=keys, args=args)
+        if any(isinstance(r, bytes | str) and is_permission_error(r) for r in replies):
+            raise RedisPermissionError(f"the result script was denied by the ACL: {replies}")
         return [None if reply == 0 else _text(reply) for reply in replies]
 
     def _rescue(self, cam: str, failed: list[tuple[_Outcome, str]]) -> None:
@@ -737,12 +813,9 @@ class FrameWorker(GracefulStop):
     def _deadletter_fields(self, outcome: _Outcome) -> dict:
         entry = outcome.entry
         original = entry.fields
-        if outcome.reason == "too_old":
-            # the frame itself stays in frames:{cam}; a second copy of a backlog would double RAM
-            original = {k: v for k, v in original.items() if k != b"data"}
         if len(original) > MAX_DEADLETTER_FIELDS:  # junk entry; Lua cannot unpack thousands
             original = dict(list(original.items())[:MAX_DEADLETTER_FIELDS])
-        return deadletter_fields(
+        return deadletter_fields(  # payloads above DEADLETTER_MAX_VALUE_BYTES are left out
             original,
             reason=outcome.reason or "malformed",
             detail=outcome.detail,
@@ -750,6 +823,8 @@ class FrameWorker(GracefulStop):
             source_id=entry.entry_id,
             consumer=self.consumer,
             deliveries=entry.deliveries,
+            # too_old: the frame stays in frames:{cam}; a second copy of a backlog would double RAM
+            drop=("data",) if outcome.reason == "too_old" else (),
         )
 
     def _count(self, outcome: _Outcome) -> None:
