@@ -354,6 +354,7 @@ def bench_pipeline(
 ) -> dict[str, Any]:
     """Run the pipeline benchmark; returns the JSON-able report (``ok`` = no frame lost)."""
     from models.checkpoint import read_metadata
+    from pipeline.acl import random_password
     from pipeline.redis_conn import EmbeddedRedis
 
     settings.check()
@@ -378,7 +379,11 @@ def bench_pipeline(
         frames_dir = work / "frames"
         _render_frames(frames_dir, settings.frames, size, settings.seed)
 
-        server = EmbeddedRedis().start() if settings.redis_url is None else None
+        server = (
+            EmbeddedRedis(password=random_password()).start()
+            if settings.redis_url is None
+            else None
+        )
         url = server.url if server is not None else str(settings.redis_url)
         try:
             _say(

@@ -1,17 +1,20 @@
-"""CLI subcommands of the ops side: ``capture``, ``run`` and ``redis``.
+"""CLI subcommands of the ops side: ``capture``, ``run``, ``redis`` and ``redis-acl``.
 
 Exit codes: 0 done or stopped by a signal, 1 runtime failure, 2 bad configuration or input that a
-restart cannot fix (``efficientad run`` does not restart a child that exits with 2).
+restart cannot fix (``efficientad run`` does not restart a child that exits with 2), including a
+Redis user without the permissions its role needs (NOPERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import (
@@ -22,22 +25,30 @@ from pipeline.config import (
     load_command_config,
 )
 from pipeline.observability import (
+    HEARTBEAT,
     StatusEvent,
     emit_status,
     redis_ready_check,
     setup_logging,
     start_metrics_server,
 )
-from pipeline.redis_conn import EmbeddedRedis, RedisUnavailableError, connect, redact_url
-from pipeline.supervisor import EXIT_CONFIG_ERROR, run_line
+from pipeline.redis_conn import (
+    EmbeddedRedis,
+    RedisPermissionError,
+    RedisUnavailableError,
+    connect,
+    redact_url,
+    stall_limit_s,
+)
+from pipeline.supervisor import EXIT_CONFIG_ERROR, RoleCredentials, run_line
 
-__all__ = ["cmd_capture", "cmd_redis", "cmd_run", "register"]
+__all__ = ["cmd_capture", "cmd_redis", "cmd_redis_acl", "cmd_run", "register"]
 
 log = logging.getLogger("efficientad.capture")
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Add ``capture``, ``run`` and ``redis`` to the ``efficientad`` CLI."""
+    """Add ``capture``, ``run``, ``redis`` and ``redis-acl`` to the ``efficientad`` CLI."""
     cap = subparsers.add_parser(
         "capture",
         help="read cameras/files/folders and stream frames into Redis",
@@ -86,6 +97,16 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="stop once every replay capture finished and all frames/results are processed",
     )
     run.add_argument("--no-publisher", action="store_true", help="do not start the publisher")
+    run.add_argument(
+        "--acl-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="external Redis: connect each child as its role's ACL user, passwords from the "
+        "redis_<role>_password files of `efficientad redis-acl --password-dir DIR` "
+        "(an embedded Redis always gets per-role users with random passwords)",
+    )
+    run.add_argument("--acl-user-prefix", default="", help="ACL user names are PREFIX<role>")
     run.set_defaults(func=cmd_run)
 
     red = subparsers.add_parser(
@@ -96,8 +117,50 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     red.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     red.add_argument("--port", type=int, default=6379, help="port (0 = any free port)")
     red.add_argument("--dir", default=None, help="persist data (append-only file) in this dir")
-    red.add_argument("--password", default=None, help="require this password")
+    auth = red.add_mutually_exclusive_group()
+    auth.add_argument(
+        "--password", default=None, help="require this password (default: a random one)"
+    )
+    auth.add_argument(
+        "--no-password", action="store_true", help="no password (only on a trusted host)"
+    )
     red.set_defaults(func=cmd_redis)
+
+    racl = subparsers.add_parser(
+        "redis-acl",
+        help="write a Redis ACL file with one least-privilege user per role",
+        description=(
+            "Render users.acl for an external Redis: the default user (full access, password "
+            "redis_password) and the users capture, worker, publisher, subscriber and supervisor "
+            "with only the commands and keys (redis.key_prefix) their code uses; see "
+            "pipeline/acl.py. With --password-dir, passwords are read from or generated into "
+            "redis_<role>_password files there and the ACL file holds only SHA-256 hashes; "
+            "without it they are generated and written into the ACL file in plain text."
+        ),
+    )
+    add_config_arguments(racl)
+    racl.add_argument("--out", type=Path, default=None, help="ACL file to write (default stdout)")
+    racl.add_argument("--password-dir", type=Path, default=None, metavar="DIR")
+    racl.add_argument("--user-prefix", default="", help="user names are PREFIX<role>")
+    racl.add_argument(
+        "--redis-version",
+        default="7",
+        help="server version the rules are for: 7 (selectors, read/write key rules, default) "
+        "or 6.2 (flattened rules)",
+    )
+    racl.add_argument(
+        "--no-default-user",
+        action="store_true",
+        help="switch the default user off (no full-access account at all)",
+    )
+    racl.add_argument(
+        "--file-mode",
+        type=lambda text: int(text, 8),
+        default=0o600,
+        help="mode of new password files, octal (644 for bind-mounted Docker secrets read by "
+        "container users; the directory stays 0700)",
+    )
+    racl.set_defaults(func=cmd_redis_acl)
 
 
 def _roi(text: str) -> tuple[int, int, int, int]:
@@ -163,8 +226,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
     keys = config.keys
     stop = threading.Event()
     _stop_on_signals(stop)
+    HEARTBEAT.min_limit_s = max(HEARTBEAT.min_limit_s, stall_limit_s(config.redis))
     try:
-        server = start_metrics_server(config.metrics, redis_ready_check(client))
+        server = start_metrics_server(
+            config.metrics, redis_ready_check(client), heartbeat=HEARTBEAT
+        )
     except OSError as exc:
         print(f"efficientad capture: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -242,8 +308,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"run": config.run.model_copy(update={"publisher": False})}
         )
+    credentials = None
+    if args.acl_dir is not None:
+        if config.redis.url is None:
+            print("efficientad run: --acl-dir needs an external Redis (redis.url)", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        credentials = RoleCredentials(args.acl_dir, args.acl_user_prefix)
     try:
-        return run_line(config, workers=args.workers, until_drained=args.until_drained)
+        return run_line(
+            config,
+            workers=args.workers,
+            until_drained=args.until_drained,
+            credentials=credentials,
+        )
+    except (RedisPermissionError, ConfigError) as exc:
+        print(f"efficientad run: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     except RedisUnavailableError as exc:
         print(f"efficientad run: {exc}", file=sys.stderr)
         return 1
@@ -254,14 +334,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_redis(args: argparse.Namespace) -> int:
+    from pipeline.acl import random_password
+
     setup_logging("INFO")
     stop = threading.Event()
     _stop_on_signals(stop)
+    password = None if args.no_password else (args.password or random_password())
     server = EmbeddedRedis(
         host=args.host,
         port=args.port,
         data_dir=args.dir,
-        password=args.password,
+        password=password,
         die_with_parent=False,
     )
     try:
@@ -278,3 +361,65 @@ def cmd_redis(args: argparse.Namespace) -> int:
     finally:
         server.cleanup()
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# redis-acl
+
+
+def cmd_redis_acl(args: argparse.Namespace) -> int:
+    from pipeline import acl
+
+    args.no_metrics = True  # a file generator: no HTTP port
+    config = load_command_config(args)
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    try:
+        selectors = _version_tuple(args.redis_version) >= (7,)
+        roles: list[str] = list(acl.ROLES)
+        wanted = roles if args.no_default_user else [acl.ADMIN, *roles]
+        if args.password_dir is not None:
+            passwords = acl.load_or_create_passwords(
+                args.password_dir, wanted, file_mode=args.file_mode
+            )
+        else:
+            passwords = {role: acl.random_password() for role in wanted}
+        text = acl.acl_file_text(
+            passwords,
+            key_prefix=config.redis.key_prefix,
+            user_prefix=args.user_prefix,
+            selectors=selectors,
+            hashed=args.password_dir is not None,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"efficientad redis-acl: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.password_dir is None:
+        print(
+            "efficientad redis-acl: no --password-dir: the generated passwords are in the ACL "
+            "file in plain text (keep it private)",
+            file=sys.stderr,
+        )
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, args.file_mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        print(f"efficientad redis-acl: {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(
+        f"efficientad redis-acl: wrote {args.out} ({len(passwords)} users)"
+        + (f"; passwords in {args.password_dir}" if args.password_dir is not None else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split("."))
+    except ValueError:
+        raise ValueError(f"--redis-version {text!r}: expected e.g. 7 or 6.2") from None

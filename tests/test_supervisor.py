@@ -250,7 +250,7 @@ def test_redis_command_in_foreground(tmp_path: Path) -> None:
     )
     try:
         line = proc.stdout.readline().strip()  # type: ignore[union-attr]
-        assert line.startswith("EFFICIENTAD_REDIS_URL=redis://127.0.0.1:")
+        assert line.startswith("EFFICIENTAD_REDIS_URL=redis://:") and "@127.0.0.1:" in line
         url = line.split("=", 1)[1]
         conn = redis.Redis.from_url(url)
         conn.xadd("s", {"a": 1})
