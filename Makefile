@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test chaos lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q -ra --durations=15
+
+chaos: $(STAMP)
+	$(BIN)/pytest -q -m chaos tests/chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -259,3 +259,17 @@ def test_state_format_1_still_loads():
     }
     machine = AlarmStateMachine.from_dict(old, settings(k=2, n=3))
     assert [t.event.type for t in machine.observe(result(7, True))] == ["alarm.started"]
+
+
+def test_seqs_going_backwards_while_a_cooldown_runs_out():
+    """The exact pattern that made the old machine raise (max() of no hits) on every restart."""
+    pattern = [(1, 1), (2, 1), (3, 1), (4, 0), (5, 0), (6, 0), (7, 0), (-5, 1), (-9, 1), (8, 0)]
+    machine = AlarmStateMachine("cam1", settings(k=2, n=3, clear_after=3, cooldown_s=0.35))
+    got = []
+    for i, (offset, anomalous) in enumerate(pattern):
+        frame = result(100 + offset, bool(anomalous)).model_copy(
+            update={"ts_ns": i * SEC // FPS, "frame_id": f"{5000 + i}-0"}
+        )
+        got += [(i, t.event.type) for t in machine.observe(frame)]
+    assert got == [(1, "alarm.started"), (5, "alarm.ended"), (9, "alarm.started")]
+    assert machine.to_dict()["peak"] is not None
