@@ -35,7 +35,7 @@ ARG TORCH_CHECK="import sys, torch; v = tuple(int(p) for p in torch.__version__.
 RUN python -c "$TORCH_CHECK" \
  && pip install . \
  && python -c "$TORCH_CHECK" \
- && python -c "import efficientad.cli, pipeline.capture, worker.service, models.inference" \
+ && python -c "import efficientad.cli, pipeline.stages.capture, pipeline.stages.publisher, worker.service, models.inference" \
  && efficientad --help > /dev/null
 
 COPY configs/line.yaml /etc/efficientad/line.yaml

@@ -1,3 +1,5 @@
-"""EfficientAD line monitor: anomaly detection served over Redis Streams."""
+"""EfficientAD line monitor: anomaly detection served over Redis Streams (the CLI layer)."""
 
-__version__ = "0.1.0"
+from models.version import __version__
+
+__all__ = ["__version__"]

@@ -1,21 +1,44 @@
-"""The one ``efficientad`` command: each area registers its own subcommands."""
+"""The one ``efficientad`` command: a list of command modules, each adding its subcommands.
+
+Each command's entry lives beside its stage or tool (a ``commands`` module); this list is the
+only place that knows them all. Help lists them in this order: models, stages, tools.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from efficientad import __version__
+from efficientad.cli_support import EXIT_INTERRUPTED, EXIT_USAGE, basic_logging
+from models.commands import anomalib as anomalib_commands
+from models.commands import evaluate as evaluate_commands
+from models.commands import speed as speed_commands
+from models.commands import train as train_commands
+from models.version import __version__
+from pipeline.stages.capture import commands as capture_commands
+from pipeline.stages.publisher import commands as publisher_commands
+from pipeline.stages.subscribe import commands as subscribe_commands
+from pipeline.stages.supervisor import commands as supervisor_commands
+from pipeline.tools import commands as tool_commands
+from pipeline.tools.demo import commands as demo_commands
+from worker import commands as worker_commands
+
+COMMAND_MODULES = (
+    train_commands,  # train, distill, probe-teacher
+    anomalib_commands,  # import-anomalib
+    evaluate_commands,  # eval, predict, accuracy
+    capture_commands,  # capture
+    worker_commands,  # worker
+    publisher_commands,  # publish
+    subscribe_commands,  # alarms
+    supervisor_commands,  # run, redis, redis-acl
+    demo_commands,  # demo, synth
+    speed_commands,  # bench model
+    tool_commands,  # bench pipeline
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models import anomalib_cli, train_cli
-    from models import cli as model_cli
-    from pipeline import cli as pipeline_cli
-    from pipeline import demo_cli
-    from worker import cli as worker_cli
-
     parser = argparse.ArgumentParser(
         prog="efficientad",
         description="EfficientAD anomaly detection for production lines: train, evaluate, and "
@@ -23,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"efficientad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (train_cli, anomalib_cli, model_cli, pipeline_cli, worker_cli, demo_cli):
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 
@@ -33,15 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        return EXIT_USAGE
+    basic_logging()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Portable checkpoints: safetensors weights plus JSON metadata, never pickle on the load path.
 
 A trained model is a directory ``MODEL/`` holding ``model.safetensors`` (anomalib key names) and
-``model.json`` (everything else inference needs: size, padding, image size, threshold, provenance).
+``model.json``, the model card (``models.model_card``: size, padding, image size, threshold,
+provenance).
 A teacher is a single ``.safetensors`` file whose keys are ``conv1.weight``.. like anomalib's
 teacher files, with its provenance in the safetensors header metadata.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +20,29 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from efficientad import __version__
+from models.model_card import FORMAT, META_FILE, CheckpointError, ModelCard
 from models.networks import EfficientAD
+from models.version import __version__
+
+__all__ = [
+    "FORMAT",
+    "META_FILE",
+    "TEACHER_FORMAT",
+    "WEIGHTS_FILE",
+    "CheckpointError",
+    "check_finite",
+    "load_checkpoint",
+    "load_state",
+    "read_safetensors",
+    "read_safetensors_metadata",
+    "save_checkpoint",
+    "save_teacher",
+    "sha256_file",
+]
 
 WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
-FORMAT = "efficientad-line/model"
 TEACHER_FORMAT = "efficientad-line/teacher"
 META_KEY = "efficientad"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed or does not match the network."""
 
 
 def sha256_file(path: Path) -> str:
@@ -52,27 +65,23 @@ def _contiguous(
     return out
 
 
-def save_checkpoint(model: EfficientAD, meta: dict[str, Any], out_dir: Path) -> Path:
-    """Write MODEL/model.safetensors + MODEL/model.json; returns the directory."""
+def save_checkpoint(model: EfficientAD, card: ModelCard | Mapping[str, Any], out_dir: Path) -> Path:
+    """Write MODEL/model.safetensors + MODEL/model.json (the card); returns the directory.
+
+    ``card`` may be a mapping of card fields; the network's size and padding flags fill in what
+    it leaves out. The card is validated before anything is written, and the weights' sha256 is
+    recorded in it after they are.
+    """
     out_dir = Path(out_dir)
+    if not isinstance(card, ModelCard):
+        fields = {"model_size": model.size, "padding": model.padding, "pad_maps": model.pad_maps}
+        card = ModelCard.from_mapping({**fields, **card}, out_dir / META_FILE)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
     tmp = weights.with_suffix(".tmp")
     save_file(_contiguous(model.state_dict(), None), str(tmp))
     tmp.replace(weights)
-    full_meta = {
-        "format": FORMAT,
-        "format_version": 1,
-        "package_version": __version__,
-        "model_size": model.size,
-        "padding": model.padding,
-        "pad_maps": model.pad_maps,
-        **meta,
-        "weights_sha256": sha256_file(weights),
-    }
-    tmp_meta = out_dir / (META_FILE + ".tmp")
-    tmp_meta.write_text(json.dumps(full_meta, indent=2, sort_keys=True))
-    tmp_meta.replace(out_dir / META_FILE)
+    card.model_copy(update={"weights_sha256": sha256_file(weights)}).save(out_dir)
     return out_dir
 
 
@@ -84,40 +93,19 @@ def read_safetensors(path: Path, error: type[Exception]) -> dict[str, torch.Tens
         raise error(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    meta_path = path / META_FILE if path.is_dir() else path.with_name(META_FILE)
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path}: no {META_FILE} next to the weights; not a model checkpoint")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{meta_path}: invalid JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
-
-
-def load_checkpoint(path: Path, verify_hash: bool = True) -> tuple[EfficientAD, dict[str, Any]]:
+def load_checkpoint(path: Path, verify_hash: bool = True) -> tuple[EfficientAD, ModelCard]:
     """Load a model directory (or its model.safetensors) onto the CPU in eval mode."""
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
         raise CheckpointError(f"{path}: {WEIGHTS_FILE} not found")
-    meta = read_metadata(path)
-    if verify_hash and meta.get("weights_sha256") not in (None, sha256_file(weights)):
+    card = ModelCard.load(path)
+    if verify_hash and card.weights_sha256 not in ("", sha256_file(weights)):
         raise CheckpointError(f"{weights}: sha256 does not match the one recorded in {META_FILE}")
-    size = meta.get("model_size")
-    if size not in ("s", "m"):
-        raise CheckpointError(f"{path}: model_size must be 's' or 'm', got {size!r}")
-    model = EfficientAD(
-        size, padding=bool(meta.get("padding", False)), pad_maps=bool(meta.get("pad_maps", True))
-    )
+    model = EfficientAD(card.model_size, padding=card.padding, pad_maps=card.pad_maps)
     load_state(model, read_safetensors(weights, CheckpointError), source=str(weights))
     model.eval()
-    return model, meta
+    return model, card
 
 
 def check_finite(state: dict[str, torch.Tensor], source: str) -> None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from models.data import AnomalyDataset, load_batch
 from models.metrics import image_auroc
+from models.model_card import DEFAULT_IMAGE_SIZE
 from models.networks import ModelSize
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # [B,3,H,W] in [0,1] -> [B,C,h,w]
@@ -27,7 +28,7 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # [B,3,H,W] in [0,1] -> [B,C
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    image_size: tuple[int, int] = (256, 256)
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
     bank_size: int = 30_000  # normal patches kept (random subset) in the memory bank
     batch: int = 8
     seed: int = 0  # of the bank subset

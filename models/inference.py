@@ -6,7 +6,6 @@ Nothing here knows about Redis; nothing in the pipeline needs to know about the 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,16 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from models.checkpoint import CheckpointError, load_checkpoint
-from models.networks import MIN_INPUT_SIZE, EfficientAD
+from models.model_card import ModelCard, field_error, finite_problem, image_size_problem
+from models.networks import EfficientAD
 
 log = logging.getLogger(__name__)
-
-#: largest model input side accepted at load: above it one frame's feature maps take many GB
-MAX_INPUT_SIZE = 4096
 
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """What inference needs of a model card; ``from_card`` is the one place it is derived."""
+
     name: str
     version: str
     sha256: str
@@ -34,39 +33,27 @@ class ModelInfo:
     score_max: float
 
     def __post_init__(self) -> None:
-        """Refuse values that load fine but break every inference (NaN never alarms)."""
+        """Refuse values that break every inference (NaN never alarms), as the card does."""
         for name in ("threshold", "score_min", "score_max"):
             value = getattr(self, name)
-            if not math.isfinite(value):
-                raise CheckpointError(
-                    f"{name} = {value!r}: must be a finite number "
-                    "(with NaN or inf no frame is ever judged correctly)"
-                )
-        height, width = self.image_size
-        if not all(MIN_INPUT_SIZE <= side <= MAX_INPUT_SIZE for side in (height, width)):
-            raise CheckpointError(
-                f"image_size = {height}x{width}: each side must be in "
-                f"[{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}] (EfficientAD's autoencoder needs at least "
-                f"{MIN_INPUT_SIZE} px; above {MAX_INPUT_SIZE} one frame needs many GB)"
-            )
+            problem = finite_problem(value)
+            if problem is not None:
+                raise field_error(name, value, problem)
+        problem = image_size_problem(*self.image_size)
+        if problem is not None:
+            raise field_error("image_size", self.image_size, problem)
 
     @classmethod
-    def from_meta(cls, meta: dict) -> ModelInfo:
-        """Model info from ``model.json``; a missing, malformed or unusable field is refused."""
-        try:
-            return cls(
-                name=str(meta["name"]),
-                version=str(meta["version"]),
-                sha256=str(meta["weights_sha256"]),
-                image_size=(int(meta["image_size"][0]), int(meta["image_size"][1])),
-                threshold=float(meta["threshold"]),
-                score_min=float(meta["score_min"]),
-                score_max=float(meta["score_max"]),
-            )
-        except CheckpointError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
-            raise CheckpointError(f"model metadata incomplete or malformed: {exc!r}") from exc
+    def from_card(cls, card: ModelCard) -> ModelInfo:
+        return cls(
+            name=card.name,
+            version=card.version,
+            sha256=card.weights_sha256,
+            image_size=card.image_size,
+            threshold=card.threshold,
+            score_min=card.score_min,
+            score_max=card.score_max,
+        )
 
 
 @dataclass
@@ -111,16 +98,12 @@ class InferenceEngine:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", half: bool = False) -> InferenceEngine:
-        model, meta = load_checkpoint(Path(path))
+        model, card = load_checkpoint(Path(path))
         if not model.quantiles.is_set:
             raise CheckpointError(
                 f"{path}: map quantiles are not set; the model was not calibrated"
             )
-        try:
-            info = ModelInfo.from_meta(meta)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{path}: {exc}") from exc
-        return cls(model, info, device, half)
+        return cls(model, ModelInfo.from_card(card), device, half)
 
     @classmethod
     def from_model(

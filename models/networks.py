@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.model_card import MIN_IMAGE_SIDE, check_image_size
+
 ModelSize = Literal["s", "m"]
 TEACHER_CHANNELS = 384
-MIN_INPUT_SIZE = 256
 MAP_PADDING = 4  # half the 33 px receptive field divided by the total stride of 4
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,11 +35,9 @@ def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_input_size(height: int, width: int) -> None:
-    if height < MIN_INPUT_SIZE or width < MIN_INPUT_SIZE:
-        raise ValueError(
-            f"input size {height}x{width} is too small: EfficientAD needs height and width >= "
-            f"{MIN_INPUT_SIZE} px (the autoencoder's 8x8 bottleneck kernel needs an 8x8 map)"
-        )
+    """The network itself only needs the minimum (the card also caps the size it runs at)."""
+    if height < MIN_IMAGE_SIDE or width < MIN_IMAGE_SIDE:
+        check_image_size(height, width)  # raises, saying why
 
 
 class PDNSmall(nn.Module):
@@ -257,3 +256,19 @@ class EfficientAD(nn.Module):
         combined = 0.5 * map_st + 0.5 * map_ae
         score = torch.amax(combined, dim=(-2, -1)).flatten()
         return AnomalyOutput(score=score, anomaly_map=combined, map_st=map_st, map_ae=map_ae)
+
+
+def neutral_model(size: ModelSize = "s", seed: int = 0) -> EfficientAD:
+    """Random weights with neutral statistics (mean 0, std 1, quantiles 0 -> 1), in eval mode.
+
+    The whole scoring path runs and costs what a trained model's does, but the scores mean
+    nothing: for timing (``bench model``) and for tests that need a model, not a good one.
+    """
+    torch.manual_seed(seed)
+    model = EfficientAD(size)
+    with torch.no_grad():
+        model.mean_std.mean.zero_()
+        model.mean_std.std.fill_(1.0)
+        for name, value in (("qa_st", 0.0), ("qb_st", 1.0), ("qa_ae", 0.0), ("qb_ae", 1.0)):
+            getattr(model.quantiles, name).fill_(value)
+    return model.eval()

@@ -19,7 +19,6 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from tqdm import tqdm
 
-from efficientad import __version__
 from models.checkpoint import save_checkpoint
 from models.data import (
     AnomalyDataset,
@@ -33,9 +32,11 @@ from models.data import (
 )
 from models.inference import resolve_device
 from models.losses import autoencoder_losses, hard_feature_loss, penalty_loss, robust_quantile
-from models.networks import EfficientAD, ModelSize, check_input_size
+from models.model_card import DEFAULT_IMAGE_SIZE, ModelCard, TeacherProvenance, check_image_size
+from models.networks import EfficientAD, ModelSize
 from models.teacher import resolve_teacher
 from models.training_state import has_training_state, load_training_state, save_training_state
+from models.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class TrainConfig:
     teacher: str = "auto"
     penalty_images: Path | None = None
     seed: int = 42
-    image_size: tuple[int, int] = (256, 256)
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
     lr: float = 1e-4
     weight_decay: float = 1e-5
     hard_quantile: float = 0.999
@@ -185,8 +186,7 @@ def _load_labelled(root: Path, size: tuple[int, int]) -> tuple[torch.Tensor, np.
 def train(cfg: TrainConfig) -> Path:
     """Train, calibrate and save a model directory; returns its path."""
     t_start = time.time()
-    height, width = cfg.image_size
-    check_input_size(height, width)
+    height, width = check_image_size(*cfg.image_size)
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
     seed_everything(cfg.seed)
@@ -318,34 +318,36 @@ def train(cfg: TrainConfig) -> Path:
     score_min = float(all_scores.min())
     score_max = float(max(all_scores.max(), 2 * threshold - score_min))
 
-    name = cfg.name or Path(cfg.out).name
-    meta = {
-        "name": name,
-        "version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-        "image_size": [height, width],
-        "threshold": threshold,
-        "threshold_method": method,
-        "score_min": score_min,
-        "score_max": score_max,
-        "quantiles": q,
-        "validation": {
+    card = ModelCard.create(
+        name=cfg.name or Path(cfg.out).name,
+        version=time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+        model_size=model.size,
+        padding=model.padding,
+        pad_maps=model.pad_maps,
+        image_size=(height, width),
+        threshold=threshold,
+        threshold_method=method,
+        score_min=score_min,
+        score_max=score_max,
+        quantiles=q,
+        validation={
             "normal_images": len(val_samples),
             "normal_scores": [round(float(v), 6) for v in normal_scores],
         },
-        "teacher": {
-            "source": teacher_info.source,
-            "location": teacher_info.location,
-            "sha256": teacher_info.sha256,
+        teacher=TeacherProvenance(
+            source=teacher_info.source,
+            location=teacher_info.location,
+            sha256=teacher_info.sha256,
             **teacher_info.details,
-        },
-        "dataset": {
+        ),
+        dataset={
             "root": str(cfg.data),
             "layout": dataset.layout,
             "name": dataset.name,
             "fingerprint": dataset.fingerprint(),
             "train_images": len(train_samples),
         },
-        "training": {
+        training={
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
             "steps": step,
             "final_losses": running,
@@ -355,9 +357,9 @@ def train(cfg: TrainConfig) -> Path:
             "penalty_images": 0 if penalty is None else len(penalty),
             "torch": torch.__version__,
         },
-        "package_version": __version__,
-        "total_seconds": round(time.time() - t_start, 1),
-    }
-    out = save_checkpoint(model.cpu(), meta, Path(cfg.out))
+        package_version=__version__,
+        total_seconds=round(time.time() - t_start, 1),
+    )
+    out = save_checkpoint(model.cpu(), card, Path(cfg.out))
     log.info("saved %s (threshold %.4f by %s)", out, threshold, method)
     return out

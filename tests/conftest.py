@@ -25,7 +25,7 @@ TINY_STEPS = 2
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic MVTec-layout category (256x256 PNGs) shared by the whole session."""
-    from models.synth import generate_mvtec
+    from pipeline.tools.scene import generate_mvtec
 
     root = tmp_path_factory.mktemp("tiny_data")
     return generate_mvtec(root, "flange", size=(256, 256), seed=7, **TINY_COUNTS)
@@ -38,20 +38,17 @@ def tiny_model_dir(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory)
     Trained for a few steps only: its detections are meaningless, but every file and field a real
     model has is there. Treat it as read-only (copy it before changing anything).
     """
-    from models.train import TrainConfig, train
+    from pipeline.tools.tiny_model import train_tiny_model
 
     out = tmp_path_factory.mktemp("tiny_model") / "tiny-s"
-    return train(
-        TrainConfig(
-            data=tiny_dataset,
-            out=out,
-            model_size="s",
-            steps=TINY_STEPS,
-            teacher="shipped",
-            seed=42,
-            device="cpu",
-            progress=False,
-        )
+    return train_tiny_model(
+        tiny_dataset,
+        out,
+        steps=TINY_STEPS,
+        teacher="shipped",
+        seed=42,
+        device="cpu",
+        validation_fraction=0.1,  # TrainConfig's default: 4 training images + 1 validation
     )
 
 

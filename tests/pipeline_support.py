@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from pipeline.wire import StreamKeys
+from pipeline.core.wire import StreamKeys
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Per-role Redis ACL users (pipeline/acl.py) against real redis-servers, plus the deploy files.
+"""Per-role Redis ACL users (pipeline/core/acl.py) against real redis-servers, and deploy files.
 
 Each role runs its real code path (capture, worker, publisher, subscriber, `run`'s drain check)
 as its own ACL user on Redis 7 (selectors, read/write key rules) and on the bundled Redis 6.2
@@ -24,17 +24,15 @@ import pytest
 import redis
 import yaml
 
-from pipeline import acl
-from pipeline.config import CameraSettings, LineConfig, RedisSettings
-from pipeline.redis_conn import (
+from pipeline.core import acl
+from pipeline.core.config import CameraSettings, LineConfig, RedisSettings
+from pipeline.core.embedded_redis import (
     EmbeddedRedis,
-    RedisPermissionError,
-    RedisUnavailableError,
-    connect,
     embedded_redis_executable,
     server_binary_version,
 )
-from pipeline.wire import StreamKeys
+from pipeline.core.redis_conn import RedisPermissionError, RedisUnavailableError, connect
+from pipeline.core.wire import StreamKeys
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "acl[t]:"  # glob metacharacters: the patterns must escape them
@@ -108,6 +106,7 @@ def test_rules_per_syntax_and_escaped_prefix() -> None:
     six = acl.role_rules("publisher", key_prefix=PREFIX, selectors=False)
     assert not any(r.startswith(("(", "%")) for r in six)
     assert "~acl\\[t\\]:frames:{*}" in six and "+xadd" in six
+    assert "+xrange" not in " ".join(seven + six)  # XPENDING on frames, never a read
     for role in acl.ROLES:  # nobody gets dangerous commands or channels
         text = " ".join(acl.role_rules(role))
         for bad in ("+@all", "+flushall", "+config", "+keys", "+acl", "&*", "allkeys", "~*"):
@@ -149,14 +148,10 @@ def engine():
     import torch
 
     from models.inference import InferenceEngine, ModelInfo
-    from models.networks import EfficientAD
+    from models.networks import neutral_model
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = EfficientAD("s").eval()
-    model.mean_std.std.fill_(1.0)
-    model.quantiles.qb_st.fill_(1.0)
-    model.quantiles.qb_ae.fill_(1.0)
+    model = neutral_model("s")
     # threshold 0: every frame is anomalous, so the publisher opens an alarm (overlay included)
     info = ModelInfo("rand", "1", "ab" * 32, (256, 256), 0.0, 0.0, 1.0)
     return InferenceEngine.from_model(model, info, device="cpu")
@@ -165,10 +160,10 @@ def engine():
 def test_every_role_runs_its_code_path_without_a_denial(
     acl_redis: AclRedis, engine, tmp_path: Path
 ) -> None:
-    from pipeline.capture import run_capture
-    from pipeline.stage_settings import PublisherSettings, WorkerSettings
-    from pipeline.subscribe import follow_alarms
-    from pipeline.supervisor import _line_drained
+    from pipeline.core.stage_settings import PublisherSettings, WorkerSettings
+    from pipeline.stages.capture import run_capture
+    from pipeline.stages.subscribe import follow_alarms
+    from pipeline.stages.supervisor.service import _line_drained
     from worker.service import FrameWorker
 
     keys = StreamKeys(PREFIX)
@@ -195,7 +190,7 @@ def test_every_role_runs_its_code_path_without_a_denial(
 
     # publisher: lease (SET NX PX + scripts), state hash, alarms in MULTI/EXEC, overlays
     pub_client = acl_redis.client("publisher")
-    from pipeline.publisher import AlarmPublisher
+    from pipeline.stages.publisher import AlarmPublisher
 
     publisher = AlarmPublisher(
         pub_client, keys, PublisherSettings(lease_ttl_s=1.0), [CAM], name="p-acl"
@@ -217,7 +212,7 @@ def test_every_role_runs_its_code_path_without_a_denial(
         {"redis": {"key_prefix": PREFIX}, "cameras": [{"id": CAM, "source": str(folder)}]}
     )
     assert _line_drained(sup, config, with_publisher=True)
-    from pipeline.observability import StatusEvent, emit_status
+    from pipeline.core.status import StatusEvent, emit_status
 
     emit_status(sup, keys, StatusEvent(event="process.started", source="run"))
     sup.close()
@@ -240,6 +235,8 @@ def test_users_are_confined(acl_redis: AclRedis) -> None:
             clients["worker"].xadd(keys.alarms(), {"x": 1})
         with pytest.raises(denied):
             clients["capture"].xadd(f"aclt:frames:{{{CAM}}}", {"x": 1})  # prefix is literal
+        with pytest.raises(denied):  # overlays come with the results: frames are never read
+            clients["publisher"].xrange(keys.frames(CAM))
         for role, client in clients.items():
             for command in (("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("DBSIZE",)):
                 with pytest.raises(denied):
@@ -359,7 +356,8 @@ def test_permission_errors_exit_with_code_2(tmp_path: Path) -> None:
 
 
 def test_embedded_run_gives_each_role_its_own_user(tmp_path: Path) -> None:
-    from pipeline.supervisor import _start_embedded, line_specs
+    from pipeline.stages.supervisor import line_specs
+    from pipeline.stages.supervisor.service import _start_embedded
 
     config = LineConfig.model_validate(
         {"redis": {"key_prefix": PREFIX}, "cameras": [{"id": CAM, "source": str(tmp_path)}]}
@@ -488,21 +486,12 @@ def test_image_and_package_require_a_safe_torch() -> None:
 @pytest.mark.slow
 def test_run_with_acl_dir_on_an_external_redis(tmp_path: Path) -> None:
     """`efficientad run --acl-dir` against Redis 7 loaded with `redis-acl`'s file: no denial."""
-    import torch
-
-    from models.checkpoint import save_checkpoint
-    from models.networks import EfficientAD
+    from pipeline.tools.tiny_model import random_model_dir
 
     exe, _ = SERVERS["redis7"]
     if exe is None:
         pytest.skip("needs redis-server >= 7")
-    torch.manual_seed(0)
-    model = EfficientAD("s")
-    model.mean_std.std.fill_(1.0)
-    model.quantiles.qb_st.fill_(1.0)
-    model.quantiles.qb_ae.fill_(1.0)
-    meta = {"name": "rand", "version": "1", "image_size": [256, 256], "threshold": 0.0}
-    save_checkpoint(model, {**meta, "score_min": 0.0, "score_max": 1.0}, tmp_path / "model")
+    random_model_dir(tmp_path / "model", threshold=0.0)
     folder = tmp_path / "imgs"
     folder.mkdir()
     rng = np.random.default_rng(1)

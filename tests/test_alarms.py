@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.alarms import AlarmStateMachine, IgnoreMask
-from pipeline.stage_settings import AlarmSettings, PublisherSettings
-from pipeline.wire import Region, ResultMessage
+from pipeline.core.stage_settings import AlarmSettings, PublisherSettings
+from pipeline.core.wire import Region, ResultMessage
+from pipeline.stages.alarms import AlarmStateMachine, IgnoreMask
 
 SEC = 1_000_000_000
 FPS = 10

@@ -9,7 +9,6 @@ tests build their input files from our ``EfficientAD``, whose state-dict keys ar
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -20,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.anomalib_cli import register
+from efficientad.cli import build_parser
 from models.anomalib_import import AnomalibImportError, import_anomalib
 from models.checkpoint import load_checkpoint
 from models.inference import InferenceEngine, normalize_scores
 from models.networks import EfficientAD
-from models.synth import render_part
+from pipeline.tools.scene import render_part
 
 TOLERANCE = 1e-4
 
@@ -275,7 +274,8 @@ def test_plain_state_dict_needs_threshold(tmp_path: Path, state_s) -> None:
         import_anomalib(file, tmp_path / "m")
     assert not (tmp_path / "m").exists()  # nothing written
     out = import_anomalib(file, tmp_path / "m", threshold=0.4, name="line-3")
-    model, meta = load_checkpoint(out)
+    model, card = load_checkpoint(out)
+    meta = card.as_json()
     assert meta["name"] == "line-3"
     assert meta["threshold"] == 0.4 and meta["threshold_method"] == "fixed (--threshold)"
     assert (meta["score_min"], meta["score_max"]) == (0.0, 0.8)
@@ -440,8 +440,7 @@ def test_pickled_objects_are_refused_not_executed(tmp_path: Path, state_s) -> No
 
 
 def _run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="efficientad")
-    register(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -474,18 +473,8 @@ def test_cli(tmp_path: Path, state_s, capsys) -> None:
     engine = InferenceEngine.load(out, device="cpu")
     assert engine.info.threshold == 0.4 and engine.info.name == "cam1"
     assert engine.info.image_size == (256, 288)
-    assert (
-        _run_cli(
-            [
-                "import-anomalib",
-                str(file),
-                "--out",
-                str(tmp_path / "x"),
-                "--threshold",
-                "0.3",
-                "--image-size",
-                "128",
-            ]
-        )
-        == 2
-    )  # below 256
+    small = ["import-anomalib", str(file), "--out", str(tmp_path / "x"), "--threshold", "0.3"]
+    with pytest.raises(SystemExit) as refused:  # below 256: refused while parsing, exit 2
+        _run_cli([*small, "--image-size", "128"])
+    assert refused.value.code == 2
+    assert "too small" in capsys.readouterr().err

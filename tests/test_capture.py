@@ -14,11 +14,13 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from pipeline import observability as obs
-from pipeline.capture import _RESUME_SCAN, CaptureStats, run_capture
-from pipeline.config import CameraSettings
-from pipeline.redis_conn import EmbeddedRedis
-from pipeline.wire import FrameMessage, StreamKeys, decode_image
+from pipeline.core.config import CameraSettings
+from pipeline.core.embedded_redis import EmbeddedRedis
+from pipeline.core.image_codec import decode_image
+from pipeline.core.status import StatusEvent
+from pipeline.core.wire import FrameMessage, StreamKeys
+from pipeline.stages.capture import CaptureStats, run_capture
+from pipeline.stages.capture.writer import RESUME_SCAN
 from tests import pipeline_support
 
 client = pipeline_support.client  # fixtures: real Redis, per-test key prefix
@@ -41,8 +43,8 @@ def frames(client: redis.Redis, keys: StreamKeys, cam: str) -> list[FrameMessage
     return [FrameMessage.from_fields(f) for _, f in client.xrange(keys.frames(cam))]
 
 
-def status_events(client: redis.Redis, keys: StreamKeys) -> list[obs.StatusEvent]:
-    return [obs.StatusEvent.from_fields(f) for _, f in client.xrange(keys.status())]
+def status_events(client: redis.Redis, keys: StreamKeys) -> list[StatusEvent]:
+    return [StatusEvent.from_fields(f) for _, f in client.xrange(keys.status())]
 
 
 def metric(name: str, **labels: str) -> float:
@@ -183,7 +185,7 @@ def test_seq_continues_whatever_the_stream_tail_holds(client, keys, tmp_path) ->
     run_capture(camera, client, keys, threading.Event())
     client.xadd(keys.frames("tail"), {"junk": "no seq here"})
     run_capture(camera, client, keys, threading.Event())
-    for i in range(_RESUME_SCAN + 10):  # a tail longer than the scan: the counter decides
+    for i in range(RESUME_SCAN + 10):  # a tail longer than the scan: the counter decides
         client.xadd(keys.frames("tail"), {"cam": "tail", "seq": "not a number", "i": i})
     run_capture(camera, client, keys, threading.Event())
     client.delete(keys.capture_seq("tail"))  # counter gone: the tail scan still finds seq 8
@@ -198,13 +200,15 @@ def test_seq_continues_whatever_the_stream_tail_holds(client, keys, tmp_path) ->
 
 def test_a_retried_write_is_recognised_not_duplicated(client, keys, tmp_path) -> None:
     """Issue #8.2: the server executed a write the client believes failed; the retry is a no-op."""
-    from pipeline.capture import _Buffer, _Encoded, _Writer
+    from pipeline.stages.capture.writer import Encoded, FrameBuffer, RedisWriter
 
     camera = CameraSettings(id="retry", source=str(tmp_path))
     stats = CaptureStats(camera="retry")
-    writer = _Writer(camera, client, keys, _Buffer(8), stats, threading.Lock(), source_name="test")
+    writer = RedisWriter(
+        camera, client, keys, FrameBuffer(8), stats, threading.Lock(), source_name="test"
+    )
     data = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes()
-    items = [_Encoded(i, time.time_ns(), "png", 4, 4, 3, data) for i in range(3)]
+    items = [Encoded(i, time.time_ns(), "png", 4, 4, 3, data) for i in range(3)]
     writer._inflight = list(items)
     writer._write()
     writer._inflight = list(items)  # as if the reply was lost and the client retries
@@ -219,8 +223,8 @@ def test_a_frozen_redis_does_not_duplicate_frames(tmp_path) -> None:
     import os
     import signal
 
-    from pipeline.config import RedisSettings
-    from pipeline.redis_conn import connect
+    from pipeline.core.config import RedisSettings
+    from pipeline.core.redis_conn import connect
 
     make_images(tmp_path / "imgs", 60, h=32, w=32)
     camera = CameraSettings(id="frozen", source=str(tmp_path / "imgs"), fps=40, buffer_frames=256)
@@ -309,11 +313,11 @@ def test_live_capture_survives_redis_outage(tmp_path) -> None:
         assert metric(dropped, camera="live", reason="buffer_full") - dropped_before > 20
         server.start()  # same port, empty (no persistence)
         wait_for(lambda: client.xlen(keys.frames("live")) > 20, 10, "frames after recovery")
-        events = [obs.StatusEvent.from_fields(f) for _, f in client.xrange(keys.status())]
+        events = [StatusEvent.from_fields(f) for _, f in client.xrange(keys.status())]
         # status events queued during the outage were delivered after it
         wait_for(
             lambda: any(
-                obs.StatusEvent.from_fields(f).detail.get("frames_dropped", 0) > 0
+                StatusEvent.from_fields(f).detail.get("frames_dropped", 0) > 0
                 for _, f in client.xrange(keys.status())
             ),
             5,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from efficientad import __version__
+from efficientad.cli import build_parser
 from models.checkpoint import (
     FORMAT,
     META_FILE,
@@ -26,12 +25,19 @@ from models.checkpoint import (
     save_teacher,
     sha256_file,
 )
-from models.cli import register
 from models.inference import InferenceEngine
 from models.networks import EfficientAD, PDNSmall
 from models.training_state import has_training_state, load_training_state, save_training_state
+from models.version import __version__
 
-META = {"name": "unit", "version": "v1", "image_size": [256, 320], "threshold": 0.25}
+META = {
+    "name": "unit",
+    "version": "v1",
+    "image_size": [256, 320],
+    "threshold": 0.25,
+    "score_min": 0.0,
+    "score_max": 1.0,
+}
 
 
 def calibrated_model(**kwargs) -> EfficientAD:
@@ -67,7 +73,9 @@ def rewrite_meta(model_dir: Path, **changes) -> None:
 def test_round_trip_gives_identical_tensors_and_metadata(saved):
     model, out = saved
     assert sorted(p.name for p in out.iterdir()) == [META_FILE, WEIGHTS_FILE]
-    loaded, meta = load_checkpoint(out)
+    loaded, card = load_checkpoint(out)
+    meta = json.loads((out / META_FILE).read_text())
+    assert card.as_json() == meta  # the card is model.json, typed
     original = model.state_dict()
     restored = loaded.state_dict()
     assert set(restored) == set(original)
@@ -158,7 +166,7 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(saved, tmp_path):
 
 # ------------------------------------------------------------------ unusable models refused at load
 
-FULL_META = {**META, "image_size": [256, 256], "score_min": 0.0, "score_max": 1.0}
+FULL_META = {**META, "image_size": [256, 256]}
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +221,7 @@ def test_cli_exits_2_for_an_unusable_model(engine_dir, tmp_path, capsys):
     rewrite_meta(bad, threshold=float("nan"))
     image = tmp_path / "part.png"
     assert cv2.imwrite(str(image), np.full((256, 256, 3), 90, np.uint8))
-    parser = argparse.ArgumentParser(prog="efficientad")
-    register(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["predict", "--model", str(bad), str(image), "--device", "cpu"])
     assert args.func(args) == 2
     assert "threshold = nan" in capsys.readouterr().err

@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (
-    CameraSettings,
-    ConfigError,
-    LineConfig,
-    add_config_arguments,
-    config_from_args,
-    load_config,
-)
+from efficientad.cli_support import add_config_arguments, config_from_args
+from pipeline.core.config import CameraSettings, ConfigError, LineConfig
+from pipeline.core.config_loader import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

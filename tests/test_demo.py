@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from models.synth import LineEpisode
-from pipeline.demo import DemoError, DemoSettings, run_demo, score_run
-from pipeline.subscribe import AlarmRecord
-from pipeline.wire import ResultMessage
+from pipeline.core.wire import ResultMessage
+from pipeline.stages.subscribe import AlarmRecord
+from pipeline.tools.demo.run import DemoError, DemoSettings, run_demo, score_run
+from pipeline.tools.scene import LineEpisode
 
 FRAME_S = 0.5  # capture period of the hand-made streams below
 

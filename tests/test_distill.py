@@ -311,11 +311,10 @@ def distill_cli(images: Path, out: Path, weights: Path, *extra: str) -> int:
     )
 
 
-def test_distill_cli_rejects_missing_images(tmp_path, backbone_weights, caplog):
-    with caplog.at_level(logging.ERROR):
-        code = distill_cli(tmp_path / "none", tmp_path / "t.safetensors", backbone_weights)
+def test_distill_cli_rejects_missing_images(tmp_path, backbone_weights, capsys):
+    code = distill_cli(tmp_path / "none", tmp_path / "t.safetensors", backbone_weights)
     assert code == 2
-    assert "image folder not found" in caplog.text
+    assert "image folder not found" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,14 +367,14 @@ def test_warm_start_from_another_target_warns_and_re_estimates(runs, tmp_path, c
     assert meta["target_mean"] != read_safetensors_metadata(parent)["target_mean"]
 
 
-def test_distill_cli_rejects_a_missing_init_teacher(images, tmp_path, backbone_weights, caplog):
-    with caplog.at_level(logging.ERROR):
-        code = distill_cli(
-            images,
-            tmp_path / "t.safetensors",
-            backbone_weights,
-            "--init",
-            str(tmp_path / "absent.safetensors"),
-        )
+def test_distill_cli_rejects_a_missing_init_teacher(images, tmp_path, backbone_weights, capsys):
+    code = distill_cli(
+        images,
+        tmp_path / "t.safetensors",
+        backbone_weights,
+        "--init",
+        str(tmp_path / "absent.safetensors"),
+    )
     assert code == 2
-    assert "--init" in caplog.text and "not found" in caplog.text
+    err = capsys.readouterr().err
+    assert "--init" in err and "not found" in err

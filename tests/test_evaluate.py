@@ -6,7 +6,6 @@ number is the one recomputed independently from the engine's own outputs and the
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import shutil
@@ -17,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 
+from efficientad.cli import build_parser
 from models import evaluate as evaluate_module
 from models.checkpoint import save_checkpoint
-from models.cli import register
 from models.data import DataError, discover_dataset, load_mask, load_rgb
 from models.evaluate import evaluate
 from models.inference import InferenceEngine, ModelInfo
 from models.metrics import best_f1, pixel_metrics
 from models.networks import EfficientAD
 from models.predict import collect_images, output_names, predict_paths
-from models.synth import generate_mvtec
+from pipeline.tools.scene import generate_mvtec
 
 SIZE = (256, 256)
 
@@ -237,8 +236,7 @@ def model_dir(tmp_path_factory, engine) -> Path:
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="efficientad")
-    register(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(list(argv))
     return args.func(args)
 

@@ -4,7 +4,6 @@ teacher's features separate synthetic defects, and the CLI compares feature sour
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from efficientad.cli import main
 from models.data import discover_dataset, load_batch
 from models.feature_probe import ProbeSettings, knn_probe, knn_scores, teacher_features
-from models.synth import generate_mvtec
+from pipeline.tools.scene import generate_mvtec
 
 
 def pooled_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +85,7 @@ def test_cli_reports_every_feature_source(tiny_dataset, capsys):
     assert all(0.0 <= r["image_auroc"] <= 1.0 for r in report["results"])
 
 
-def test_cli_rejects_an_unknown_target_backbone(tiny_dataset, caplog):
-    with caplog.at_level(logging.ERROR):
-        code = main(["probe-teacher", "--data", str(tiny_dataset), "--target", "vgg99"])
+def test_cli_rejects_an_unknown_target_backbone(tiny_dataset, capsys):
+    code = main(["probe-teacher", "--data", str(tiny_dataset), "--target", "vgg99"])
     assert code == 2
-    assert "unknown backbone 'vgg99'" in caplog.text
+    assert "unknown backbone 'vgg99'" in capsys.readouterr().err

@@ -13,10 +13,10 @@ import uuid
 import pytest
 import redis
 
-from pipeline import observability as obs
-from pipeline.config import MetricsSettings
-from pipeline.redis_conn import EmbeddedRedis
-from pipeline.wire import StreamKeys
+from pipeline.core import health, logs, metrics, status
+from pipeline.core.config import MetricsSettings
+from pipeline.core.embedded_redis import EmbeddedRedis
+from pipeline.core.wire import StreamKeys
 
 
 def get(url: str) -> tuple[int, str]:
@@ -30,7 +30,7 @@ def get(url: str) -> tuple[int, str]:
 @pytest.fixture
 def metrics_server():
     state = {"ready": True}
-    server = obs.start_metrics_server(
+    server = health.start_metrics_server(
         MetricsSettings(host="127.0.0.1", port=0), lambda: state["ready"]
     )
     assert server is not None
@@ -41,12 +41,12 @@ def metrics_server():
 def test_metrics_endpoint_exports_pipeline_series(metrics_server) -> None:
     server, _ = metrics_server
     cam = f"cam-{uuid.uuid4().hex[:6]}"
-    obs.FRAMES_CAPTURED.labels(cam).inc(3)
-    obs.FRAMES_DROPPED.labels(cam, "buffer_full").inc()
-    obs.BATCH_SIZE.labels("m1").observe(8)
-    obs.END_TO_END_LATENCY.labels(cam, "worker").observe(0.04)
-    obs.DEAD_LETTERS.labels(cam, "undecodable").inc(2)
-    obs.ALARMS.labels(cam, "started").inc()
+    metrics.FRAMES_CAPTURED.labels(cam).inc(3)
+    metrics.FRAMES_DROPPED.labels(cam, "buffer_full").inc()
+    metrics.BATCH_SIZE.labels("m1").observe(8)
+    metrics.END_TO_END_LATENCY.labels(cam, "worker").observe(0.04)
+    metrics.DEAD_LETTERS.labels(cam, "undecodable").inc(2)
+    metrics.ALARMS.labels(cam, "started").inc()
     status, body = get(server.url + "/metrics")
     assert status == 200
     assert f'efficientad_frames_captured_total{{camera="{cam}"}} 3.0' in body
@@ -72,7 +72,7 @@ def test_failing_probe_is_not_ready_with_reason() -> None:
     def probe() -> bool:
         raise RuntimeError("model not loaded")
 
-    server = obs.start_metrics_server(MetricsSettings(host="127.0.0.1", port=0), probe)
+    server = health.start_metrics_server(MetricsSettings(host="127.0.0.1", port=0), probe)
     assert server is not None
     try:
         status, body = get(server.url + "/readyz")
@@ -82,7 +82,7 @@ def test_failing_probe_is_not_ready_with_reason() -> None:
 
 
 def test_disabled_metrics_serve_nothing() -> None:
-    assert obs.start_metrics_server(MetricsSettings(enabled=False)) is None
+    assert health.start_metrics_server(MetricsSettings(enabled=False)) is None
 
 
 def test_redis_readiness_follows_the_server() -> None:
@@ -91,7 +91,7 @@ def test_redis_readiness_follows_the_server() -> None:
     try:
         client = redis.Redis.from_url(server.url, socket_timeout=1, retry=None)
         extra = {"ok": True}
-        check = obs.redis_ready_check(client, lambda: extra["ok"], cache_s=0)
+        check = health.redis_ready_check(client, lambda: extra["ok"], cache_s=0)
         assert check()
         extra["ok"] = False
         assert not check()
@@ -105,7 +105,7 @@ def test_redis_readiness_follows_the_server() -> None:
 
 
 def test_json_logs(capsys: pytest.CaptureFixture[str]) -> None:
-    obs.setup_logging("INFO", json_logs=True, process_name="worker-1")
+    logs.setup_logging("INFO", json_logs=True, process_name="worker-1")
     try:
         logging.getLogger("efficientad.test").info(
             "batch done %d", 8, extra={"camera": "c1", "ms": 12.5}
@@ -116,7 +116,7 @@ def test_json_logs(capsys: pytest.CaptureFixture[str]) -> None:
             logging.getLogger("efficientad.test").exception("failed")
         logging.getLogger("efficientad.test").debug("hidden")
     finally:
-        obs.setup_logging("WARNING")
+        logs.setup_logging("WARNING")
     lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
     assert len(lines) == 2
     first, second = lines
@@ -128,11 +128,11 @@ def test_json_logs(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_text_logs_show_extras(capsys: pytest.CaptureFixture[str]) -> None:
-    obs.setup_logging("INFO", json_logs=False)
+    logs.setup_logging("INFO", json_logs=False)
     try:
         logging.getLogger("efficientad.test").warning("camera offline", extra={"camera": "c9"})
     finally:
-        obs.setup_logging("WARNING")
+        logs.setup_logging("WARNING")
     err = capsys.readouterr().err
     assert "camera offline camera=c9" in err and "WARNING" in err
 
@@ -141,12 +141,12 @@ def test_status_events_round_trip() -> None:
     client = redis.Redis()
     keys = StreamKeys(f"test-obs-{uuid.uuid4().hex[:8]}:")
     try:
-        event = obs.StatusEvent(
+        event = status.StatusEvent(
             event="camera.offline", source="capture", cam="c1", reason="no frame", detail={"n": 3}
         )
-        obs.emit_status(client, keys, event)
+        status.emit_status(client, keys, event)
         [(_, fields)] = client.xrange(keys.status())
-        back = obs.StatusEvent.from_fields(fields)
+        back = status.StatusEvent.from_fields(fields)
         assert back == event
         assert back.detail == {"n": 3} and back.pid > 0 and back.host
     finally:
@@ -156,13 +156,13 @@ def test_status_events_round_trip() -> None:
 def test_port_in_use_is_a_clear_error(metrics_server) -> None:
     server, _ = metrics_server
     with pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1:\d+.*--metrics-port"):
-        obs.start_metrics_server(MetricsSettings(host="127.0.0.1", port=server.port))
+        health.start_metrics_server(MetricsSettings(host="127.0.0.1", port=server.port))
 
 
 def test_healthz_reports_a_stuck_main_loop_over_http() -> None:
     """200 with the heartbeat age while the loop turns, 503 once it stops, 200 when done."""
-    heartbeat = obs.Heartbeat(min_limit_s=0.3, grace_s=0.3)
-    server = obs.start_metrics_server(
+    heartbeat = health.Heartbeat(min_limit_s=0.3, grace_s=0.3)
+    server = health.start_metrics_server(
         MetricsSettings(host="127.0.0.1", port=0), lambda: True, heartbeat=heartbeat
     )
     assert server is not None
@@ -197,7 +197,7 @@ def test_healthz_reports_a_stuck_main_loop_over_http() -> None:
 
 def test_no_heartbeat_after_the_grace_period_is_unhealthy() -> None:
     clock = {"now": 100.0}
-    heartbeat = obs.Heartbeat(min_limit_s=30, grace_s=60, clock=lambda: clock["now"])
+    heartbeat = health.Heartbeat(min_limit_s=30, grace_s=60, clock=lambda: clock["now"])
     assert heartbeat.check() == (True, "ok")  # not armed: a process without a main loop
     heartbeat.arm()
     clock["now"] += 59

@@ -11,16 +11,12 @@ import numpy as np
 import pytest
 import redis
 
-from pipeline.publisher import AlarmPublisher
-from pipeline.stage_settings import PublisherSettings
-from pipeline.subscribe import follow_alarms, print_alarms
-from pipeline.wire import (
-    AlarmEvent,
-    FrameMessage,
-    ResultMessage,
-    StreamKeys,
-    encode_image,
-)
+from pipeline.core.heatmap import render_overlay
+from pipeline.core.image_codec import encode_image
+from pipeline.core.stage_settings import PublisherSettings
+from pipeline.core.wire import AlarmEvent, FrameMessage, ResultMessage, StreamKeys
+from pipeline.stages.publisher import AlarmPublisher
+from pipeline.stages.subscribe import follow_alarms, print_alarms
 from tests import pipeline_support
 from worker.postprocess import postprocess
 
@@ -50,8 +46,10 @@ class FakeLine:
         self.frame_ids: list[str] = []
         self.amap = np.zeros((64, 64), np.float32)
 
+    IMAGE = np.full((48, 64, 3), 120, np.uint8)
+
     def capture(self, count: int) -> None:
-        img = np.full((48, 64, 3), 120, np.uint8)
+        img = self.IMAGE
         for _ in range(count):
             seq = len(self.frame_ids)
             msg = FrameMessage(
@@ -76,6 +74,9 @@ class FakeLine:
         if anomalous:
             amap[10:20, 30:40] = score
         post = postprocess(amap, 1.0, with_images=anomalous)
+        overlay = None
+        if anomalous:  # as a worker draws it, from the frame it decoded
+            overlay = render_overlay(self.IMAGE, post.levels, post.regions, (64, 64))
         return ResultMessage(
             cam=self.cam,
             frame_id=self.frame_ids[seq],
@@ -95,6 +96,7 @@ class FakeLine:
             regions=post.regions,
             mask=post.mask_png,
             heatmap=post.heatmap_png,
+            overlay=overlay,
         )
 
     def publish(self, seq: int, anomalous: bool, score: float | None = None, ack=True) -> None:
@@ -337,7 +339,7 @@ def test_follow_alarms_and_cli_output(client, keys, tmp_path):
 
 def replay(results: list[ResultMessage], cfg: PublisherSettings) -> list[tuple[str, str, str]]:
     """What an in-order replay of ``results`` through the alarm machine emits."""
-    from pipeline.alarms import AlarmStateMachine
+    from pipeline.stages.alarms import AlarmStateMachine
 
     machine = AlarmStateMachine(CAM, cfg.alarm_for(CAM))
     out = []
@@ -351,7 +353,7 @@ def emitted(client: redis.Redis, keys: StreamKeys) -> list[tuple[str, str, str]]
 
 
 def status_events(client: redis.Redis, keys: StreamKeys, kind: str) -> list[dict]:
-    from pipeline.observability import StatusEvent
+    from pipeline.core.status import StatusEvent
 
     rows = [StatusEvent.from_fields(f) for _, f in client.xrange(keys.status())]
     return [r.model_dump() for r in rows if r.event == kind]
@@ -437,7 +439,7 @@ def test_a_failing_result_is_retried_then_dead_lettered_and_nothing_half_done_is
     client, keys, monkeypatch
 ):
     """Issue #8.3: an exception applying a result must not corrupt the state or stop the camera."""
-    from pipeline.alarms import AlarmStateMachine
+    from pipeline.stages.alarms import AlarmStateMachine
 
     line = FakeLine(client, keys)
     line.capture(8)
@@ -507,7 +509,11 @@ def test_an_unreadable_stored_state_is_set_aside_not_crash_looped(client, keys):
 
 
 def test_a_heatmap_bomb_loses_its_overlay_not_its_alarm(client, keys):
-    """Issue #8.4: a heat map that cannot be drawn must not swallow alarm.started."""
+    """Issue #8.4: a heat map that cannot be drawn must not swallow alarm.started.
+
+    The publisher decodes no heat map at all any more (workers draw the overlay): a result that
+    carries a bomb and no overlay opens its alarm without a picture.
+    """
     import struct
     import zlib
 
@@ -522,11 +528,37 @@ def test_a_heatmap_bomb_loses_its_overlay_not_its_alarm(client, keys):
     line.capture(3)
     pub = AlarmPublisher(client, keys, settings(), [CAM], worker_group=WORKERS)
     for seq in range(3):
-        result = line.result(seq, True).model_copy(update={"heatmap": bomb})
+        result = line.result(seq, True).model_copy(update={"heatmap": bomb, "overlay": None})
         client.xack(keys.frames(CAM), WORKERS, line.frame_ids[seq])
         client.xadd(keys.results(CAM), result.to_fields())
     pump(pub, lambda: len(events(client, keys.alarms())) == 1)
     (started,) = events(client, keys.alarms())
     assert started.type == "alarm.started" and started.overlay is None
-    assert started.overlay_status in ("heatmap_undecodable", "render_failed")
+    assert started.overlay_status == "no_overlay"
     pub.close()
+
+
+def test_overlays_come_from_the_results_never_from_frames(client, keys):
+    """The publisher copies the peak result's overlay; trimmed frames do not lose it."""
+    line = FakeLine(client, keys)
+    line.capture(4)
+    client.delete(keys.frames(CAM))  # retention can no longer decide whether an alarm has one
+    client.xgroup_create(keys.frames(CAM), WORKERS, id="0", mkstream=True)
+    pub = AlarmPublisher(client, keys, settings(), [CAM], worker_group=WORKERS)
+    for seq in range(4):
+        line.publish(seq, True, ack=False)
+    pump(pub, lambda: len(events(client, keys.alarms())) == 1)
+    (started,) = events(client, keys.alarms())
+    assert started.overlay_status == "ok"
+    assert started.overlay == line.result(int(started.peak_seq), True).overlay
+    pub.close()
+    off = AlarmPublisher(
+        client, keys, settings(overlays=False, alarm={"k": 1, "n": 1}), ["cam2"], name="off"
+    )
+    off_line = FakeLine(client, keys, "cam2")
+    off_line.capture(1)
+    off_line.publish(0, True)
+    pump(off, lambda: len(events(client, keys.camera_alarms("cam2"))) == 1)
+    (event,) = events(client, keys.camera_alarms("cam2"))
+    assert event.overlay is None and event.overlay_status == "disabled"
+    off.close()

@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.config import RedisSettings
-from pipeline.redis_conn import (
-    EmbeddedRedis,
+from pipeline.core.config import RedisSettings
+from pipeline.core.embedded_redis import EmbeddedRedis, embedded_redis_executable
+from pipeline.core.redis_conn import (
     RedisPermissionError,
     RedisUnavailableError,
     RedisVersionError,
     check_server_version,
     connect,
-    embedded_redis_executable,
     is_permission_error,
     redact_url,
     stall_limit_s,

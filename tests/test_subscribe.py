@@ -12,14 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.subscribe import (
-    MAX_FILE_NAME_CHARS,
-    AlarmRecord,
-    print_alarms,
-    safe_file_name,
-    save_event_files,
-)
-from pipeline.wire import AlarmEvent
+from pipeline.core.wire import AlarmEvent
+from pipeline.stages.subscribe import AlarmRecord, print_alarms, safe_file_name, save_event_files
+from pipeline.stages.subscribe.follow import MAX_FILE_NAME_CHARS
 from tests import pipeline_support
 
 client = pipeline_support.client  # fixtures: real Redis, per-test key prefix

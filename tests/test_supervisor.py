@@ -18,17 +18,12 @@ import numpy as np
 import pytest
 import redis
 
-from pipeline.cli import register
-from pipeline.config import LineConfig, RunSettings, load_config
-from pipeline.supervisor import (
-    EXIT_CONFIG_ERROR,
-    ChildSpec,
-    Supervisor,
-    line_specs,
-    run_line,
-    stream_drained,
-)
-from pipeline.wire import FrameMessage, StreamKeys
+from efficientad.cli import build_parser
+from pipeline.core.config import LineConfig, RunSettings
+from pipeline.core.config_loader import load_config
+from pipeline.core.lifecycle import EXIT_USAGE
+from pipeline.core.wire import FrameMessage, StreamKeys
+from pipeline.stages.supervisor import ChildSpec, Supervisor, line_specs, run_line, stream_drained
 
 FAST = RunSettings(restart_initial_s=0.1, restart_max_s=0.4, stable_after_s=30, stop_timeout_s=3)
 
@@ -66,7 +61,7 @@ def test_finished_and_misconfigured_children_are_not_restarted() -> None:
     sup = Supervisor(
         [
             ChildSpec("replay", py("pass"), "capture", finite=True),
-            ChildSpec("bad", py(f"import sys; sys.exit({EXIT_CONFIG_ERROR})"), "publisher"),
+            ChildSpec("bad", py(f"import sys; sys.exit({EXIT_USAGE})"), "publisher"),
         ],
         FAST,
     )
@@ -177,16 +172,14 @@ def test_line_specs_and_ports(tmp_path: Path) -> None:
 
 
 def test_run_without_cameras_is_a_config_error() -> None:
-    assert run_line(LineConfig(), install_signals=False) == EXIT_CONFIG_ERROR
+    assert run_line(LineConfig(), install_signals=False) == EXIT_USAGE
 
 
 # ------------------------------------------------------------------------------- CLI commands
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="efficientad")
-    register(root.add_subparsers(dest="command", required=True))
-    return root
+    return build_parser()
 
 
 @pytest.fixture
@@ -230,18 +223,17 @@ def test_capture_command(client, tmp_path: Path, keep_signal_handlers) -> None:
     missing = parser().parse_args(
         ["capture", "--source", str(tmp_path / "nope"), "--redis-url", "redis://127.0.0.1:6379/0"]
     )
-    assert missing.func(missing) == EXIT_CONFIG_ERROR
+    assert missing.func(missing) == EXIT_USAGE
     no_redis = parser().parse_args(["capture", "--source", str(folder), "--no-metrics"])
     no_redis.redis_url = None
     if "EFFICIENTAD_REDIS_URL" not in os.environ and "EFFICIENTAD__REDIS__URL" not in os.environ:
-        assert no_redis.func(no_redis) == EXIT_CONFIG_ERROR  # explains the missing URL
+        assert no_redis.func(no_redis) == EXIT_USAGE  # explains the missing URL
 
 
 def test_redis_command_in_foreground(tmp_path: Path) -> None:
     code = (
-        "import sys; from pipeline.cli import register; import argparse;"
-        "p = argparse.ArgumentParser(); register(p.add_subparsers());"
-        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
+        "import sys; from efficientad.cli import build_parser;"
+        "a = build_parser().parse_args(sys.argv[1:]); sys.exit(a.func(a))"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "redis", "--port", "0", "--dir", str(tmp_path / "data")],
@@ -269,8 +261,8 @@ def test_redis_command_in_foreground(tmp_path: Path) -> None:
 
 def test_stop_event_ends_a_live_capture_thread_quickly(client, tmp_path: Path) -> None:
     """A signal to `capture` maps to stop_event: live sources end within the flush timeout."""
-    from pipeline.capture import run_capture
-    from pipeline.config import CameraSettings
+    from pipeline.core.config import CameraSettings
+    from pipeline.stages.capture import run_capture
 
     conn, keys = client
     folder = tmp_path / "loop"
@@ -300,26 +292,10 @@ def _cli_available() -> bool:
 @pytest.mark.skipif(not _cli_available(), reason="efficientad.cli (the lead's CLI) not wired yet")
 def test_run_until_drained_with_embedded_redis(tmp_path: Path) -> None:
     """`efficientad run --until-drained`: embedded Redis, capture, 2 workers, publisher, exit 0."""
-    import torch
+    from pipeline.core.embedded_redis import EmbeddedRedis
+    from pipeline.tools.tiny_model import random_model_dir
 
-    from models.checkpoint import save_checkpoint
-    from models.networks import EfficientAD
-    from pipeline.redis_conn import EmbeddedRedis
-
-    torch.manual_seed(0)
-    model = EfficientAD("s")
-    model.mean_std.std.fill_(1.0)
-    model.quantiles.qb_st.fill_(1.0)
-    model.quantiles.qb_ae.fill_(1.0)
-    meta = {
-        "name": "rand",
-        "version": "1",
-        "image_size": [256, 256],
-        "threshold": 1e9,
-        "score_min": 0.0,
-        "score_max": 1.0,
-    }
-    save_checkpoint(model, meta, tmp_path / "model")
+    random_model_dir(tmp_path / "model", threshold=1e9)  # a model that flags nothing
     folder = tmp_path / "imgs"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -373,13 +349,13 @@ run: {{workers: 2, stop_timeout_s: 20, drain_timeout_s: 120}}
 
 
 def _host() -> bytes:
-    from pipeline.stage_settings import stable_consumer_name
+    from pipeline.core.stage_settings import stable_consumer_name
 
     return stable_consumer_name("x").removeprefix("x-").encode()
 
 
 def test_effective_config_round_trips(tmp_path: Path) -> None:
-    from pipeline.supervisor import _effective_config_file
+    from pipeline.stages.supervisor.service import _effective_config_file
 
     config = load_config(
         Path(__file__).resolve().parents[1] / "configs" / "line.yaml",

@@ -142,7 +142,9 @@ def test_our_checkpoint_directory_and_safetensors_teacher_load(tmp_path):
     torch.manual_seed(13)
     model = EfficientAD("s")
     model.mean_std.std.fill_(1.0)
-    model_dir = save_checkpoint(model, {"name": "x"}, tmp_path / "model")
+    card = {"name": "x", "version": "1", "image_size": [256, 256], "threshold": 1.0}
+    card |= {"score_min": 0.0, "score_max": 2.0}
+    model_dir = save_checkpoint(model, card, tmp_path / "model")
     pdn, info = resolve_teacher(model_dir, "s")
     assert_same_weights(pdn, model.teacher.state_dict())
     assert info.source == "checkpoint"

@@ -170,7 +170,7 @@ def test_cli_eval_and_predict_on_the_trained_model(tiny_model_dir, tiny_dataset,
 # bad input
 
 
-def test_cli_train_refuses_bad_data_with_exit_code_2(tmp_path, caplog):
+def test_cli_train_refuses_bad_data_with_exit_code_2(tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "train" / "good").mkdir(parents=True)
     broken = tmp_path / "broken"
@@ -183,30 +183,29 @@ def test_cli_train_refuses_bad_data_with_exit_code_2(tmp_path, caplog):
         (broken, "cannot decode"),
     ]
     for data, message in cases:
-        caplog.clear()
-        with caplog.at_level(logging.ERROR):
-            code = main(
-                [
-                    "train",
-                    "--data",
-                    str(data),
-                    "--out",
-                    str(tmp_path / "m"),
-                    "--steps",
-                    "1",
-                    "--teacher",
-                    "shipped",
-                    "--no-progress",
-                ]
-            )
+        code = main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "m"),
+                "--steps",
+                "1",
+                "--teacher",
+                "shipped",
+                "--no-progress",
+            ]
+        )
+        err = capsys.readouterr().err
         assert code == 2, data
-        assert message in caplog.text, (data, caplog.text)
+        assert message in err, (data, err)
     assert not (tmp_path / "m" / "model.json").exists()
 
 
-def test_cli_train_refuses_images_below_256(tiny_dataset, tmp_path, caplog):
-    with caplog.at_level(logging.ERROR):
-        code = main(
+def test_cli_train_refuses_images_below_256(tiny_dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:  # the model card's rule, checked while parsing
+        main(
             [
                 "train",
                 "--data",
@@ -220,8 +219,9 @@ def test_cli_train_refuses_images_below_256(tiny_dataset, tmp_path, caplog):
                 "--no-progress",
             ]
         )
-    assert code == 2
-    assert "too small" in caplog.text
+    assert refused.value.code == 2
+    assert "too small" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 # --------------------------------------------------------------------------------------------

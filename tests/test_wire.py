@@ -14,22 +14,24 @@ import numpy as np
 import pytest
 import redis
 
-from pipeline.wire import (
-    DEADLETTER_MAX_VALUE_BYTES,
-    SCHEMA_VERSION,
-    AlarmEvent,
-    FrameMessage,
+from pipeline.core.image_codec import (
     ImageTooLargeError,
-    Region,
-    ResultMessage,
-    StreamKeys,
-    WireError,
     check_frame,
-    deadletter_fields,
     decode_image,
     decode_result_png,
     encode_image,
     image_header,
+)
+from pipeline.core.wire import (
+    DEADLETTER_MAX_VALUE_BYTES,
+    SCHEMA_VERSION,
+    AlarmEvent,
+    FrameMessage,
+    Region,
+    ResultMessage,
+    StreamKeys,
+    WireError,
+    deadletter_fields,
     original_fields,
 )
 

@@ -25,20 +25,16 @@ import yaml
 
 from models.checkpoint import save_checkpoint
 from models.inference import InferenceEngine, ModelInfo
-from models.networks import EfficientAD
-from pipeline.stage_settings import WorkerSettings
-from pipeline.wire import (
-    FrameMessage,
-    ImageTooLargeError,
-    ResultMessage,
-    encode_image,
-    original_fields,
-)
+from models.networks import EfficientAD, neutral_model
+from pipeline.core.image_codec import ImageTooLargeError, encode_image
+from pipeline.core.stage_settings import WorkerSettings
+from pipeline.core.wire import FrameMessage, ResultMessage, original_fields
 from tests import pipeline_support
 from tests.test_wire import jpeg_declaring, png_bomb
 from worker.batching import BatchCollector
 from worker.decode import decode_frames
-from worker.service import FrameEntry, FrameWorker, _Outcome
+from worker.results import FrameEntry, Outcome, build_result
+from worker.service import FrameWorker
 
 client = pipeline_support.client  # fixtures: real Redis, per-test key prefix
 keys = pipeline_support.keys
@@ -48,12 +44,7 @@ H, W = 48, 64
 
 
 def random_model() -> EfficientAD:
-    torch.manual_seed(0)
-    model = EfficientAD("s")
-    model.mean_std.std.fill_(1.0)
-    model.quantiles.qb_st.fill_(1.0)
-    model.quantiles.qb_ae.fill_(1.0)
-    return model.eval()
+    return neutral_model("s", seed=0)
 
 
 def plain_frame() -> np.ndarray:
@@ -306,6 +297,54 @@ def test_frame_resolution_maps_give_boxes_in_frame_pixels(client, keys, engine):
     assert all(r.x + r.w <= W and r.y + r.h <= H for r in res.regions)
 
 
+def test_an_anomalous_frame_carries_its_overlay_a_normal_one_none(client, keys, engine):
+    """The worker draws the overlay from the frame it decoded, shrunk to overlay_max_side."""
+    big = cv2.resize(noisy_frame(), (640, 480), interpolation=cv2.INTER_NEAREST)
+    add_frame(client, keys, "cam1", 0, plain_frame())
+    add_frame(client, keys, "cam1", 1, big, w=640, h=480)
+    add_frame(client, keys, "cam1", 2, big, enc="png", w=640, h=480)
+    worker = FrameWorker(
+        client, keys, settings(max_wait_ms=0, overlay_max_side=320), {"cam1": engine}
+    )
+    worker.run(max_results=3)
+    normal, jpeg, png = sorted(results(client, keys, "cam1"), key=lambda r: r.seq)
+    assert not normal.anomalous and normal.overlay is None
+    for res in (jpeg, png):
+        assert res.anomalous and res.heatmap is not None
+        overlay = cv2.imdecode(np.frombuffer(res.overlay, np.uint8), cv2.IMREAD_COLOR)
+        assert overlay.shape == (240, 320, 3)  # 640x480 shrunk to a longest side of 320
+    off = FrameWorker(
+        client, keys, settings(max_wait_ms=0, overlays=False), {"cam2": engine}, consumer="w2"
+    )
+    add_frame(client, keys, "cam2", 0, noisy_frame())
+    off.run(max_results=1)
+    (res,) = results(client, keys, "cam2")
+    assert res.anomalous and res.overlay is None and res.mask is not None
+
+
+def test_without_a_kept_frame_the_overlay_is_decoded_again(engine):
+    """The CUDA path keeps no host copy (nvJPEG decodes into GPU memory): an anomalous frame is
+    decoded once more on the CPU for its overlay, a normal one never."""
+    big = cv2.resize(noisy_frame(), (640, 480), interpolation=cv2.INTER_NEAREST)
+    frame = FrameMessage(
+        cam="c", seq=0, ts_ns=1, enc="jpeg", w=640, h=480, c=3, data=encode_image(big, "jpeg")
+    )
+    rgb = cv2.cvtColor(big, cv2.COLOR_BGR2RGB)
+    pred = engine.predict_images([rgb, cv2.cvtColor(plain_frame(), cv2.COLOR_BGR2RGB)])
+    assert pred.anomalous.tolist() == [True, False]
+    cfg = settings(overlay_max_side=400)
+    for index, expect in ((0, (300, 400, 3)), (1, None)):
+        entry = FrameEntry("c", "1-0", {}, time.time_ns(), frame=frame)  # preview: None
+        result = build_result(
+            entry, engine.info, pred, index, cfg, "w", batch=2, decode_s=0.0, infer_s=0.0
+        )
+        if expect is None:
+            assert result.overlay is None
+        else:
+            overlay = cv2.imdecode(np.frombuffer(result.overlay, np.uint8), cv2.IMREAD_COLOR)
+            assert overlay.shape == expect
+
+
 def test_restarted_worker_finishes_its_own_pending_frames(client, keys, engine):
     cam = "cam1"
     worker = FrameWorker(client, keys, settings(max_wait_ms=0), {cam: engine}, consumer="w1")
@@ -473,7 +512,7 @@ def test_a_result_for_a_frame_acked_elsewhere_is_removed(client, keys, engine):
     msg = FrameMessage.from_fields(client.xrange(keys.frames(cam))[0][1])
     late = small_result(cam, frame_id, msg)
     entry = FrameEntry(cam, frame_id, {}, time.time_ns(), frame=msg)
-    worker._publish_camera(cam, [_Outcome(entry, result=late)])
+    worker._writer._publish_camera(cam, [Outcome(entry, result=late)])
     assert client.xlen(keys.results(cam)) == 1 and worker.stats.duplicates == 1
     # not even briefly: a reader between an add and a later delete would have seen two results
     assert client.xinfo_stream(keys.results(cam))["entries-added"] == 1
@@ -505,10 +544,9 @@ def test_sigterm_finishes_the_in_flight_batch_and_exits_cleanly(client, keys, en
     config_path.write_text(yaml.safe_dump(config))
     ids = [add_frame(client, keys, cam, i) for i in range(5)]
     code = (
-        "import argparse, sys\n"
-        "from worker.cli import register\n"
-        "p = argparse.ArgumentParser(); sub = p.add_subparsers(); register(sub)\n"
-        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
+        "import sys\n"
+        "from efficientad.cli import build_parser\n"
+        "a = build_parser().parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -550,7 +588,7 @@ def test_a_result_that_cannot_be_written_is_kept_as_a_dead_letter(client, keys, 
     msg = FrameMessage.from_fields(items[0][1])
     result = small_result(cam, frame_id, msg)
     entry = FrameEntry(cam, frame_id, items[0][1], time.time_ns(), frame=msg)
-    worker._publish_camera(cam, [_Outcome(entry, result=result)])
+    worker._writer._publish_camera(cam, [Outcome(entry, result=result)])
     (dead,) = deadletters(client, keys, cam)
     assert dead["reason"] == b"publish_failed" and b"WRONGTYPE" in dead["detail"]
     assert dead["data"] == items[0][1][b"data"] and pending(client, keys, cam) == 0
@@ -567,7 +605,7 @@ def test_a_frame_is_never_acked_without_a_result_or_dead_letter(client, keys, en
     client.set(keys.deadletter(cam), "not a stream either")
     msg = FrameMessage.from_fields(items[0][1])
     entry = FrameEntry(cam, frame_id, items[0][1], time.time_ns(), frame=msg)
-    worker._publish_camera(cam, [_Outcome(entry, result=small_result(cam, frame_id, msg))])
+    worker._writer._publish_camera(cam, [Outcome(entry, result=small_result(cam, frame_id, msg))])
     assert pending(client, keys, cam) == 1  # kept for a retry, not acked into nothing
     assert worker.stats.results == 0 and not worker.stats.dead_letters
 

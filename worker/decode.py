@@ -8,6 +8,10 @@ Every frame's header is checked first (magic bytes, declared size, ``max_pixels`
 allocates for a size nobody checked. With ``target_size`` each frame is resized to the model's
 input size right after decoding, still as uint8: no full-resolution float copy ever exists, and
 frames of different sizes end up in one batch.
+
+``decode_frames_keeping`` also returns, per frame, the decoded BGR frame shrunk to a longest side
+of ``keep_max_side`` (the worker draws an anomalous frame's overlay from it); frames decoded by
+nvJPEG straight into GPU memory keep none.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.wire import MAX_FRAME_PIXELS, FrameMessage, WireError, check_frame, decode_image
+from pipeline.core.heatmap import fit_longest_side
+from pipeline.core.image_codec import MAX_FRAME_PIXELS, check_frame, decode_image
+from pipeline.core.wire import FrameMessage, WireError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,19 @@ def decode_frames(
     the frame size. Frames above ``max_pixels`` or whose header disagrees with the declared size
     are WireErrors before any decoder runs.
     """
+    return decode_frames_keeping(frames, device, target_size, max_pixels)[0]
+
+
+def decode_frames_keeping(
+    frames: Sequence[FrameMessage],
+    device: torch.device,
+    target_size: tuple[int, int] | None = None,
+    max_pixels: int = MAX_FRAME_PIXELS,
+    keep_max_side: int | None = None,
+) -> tuple[list[Decoded], list[np.ndarray | None]]:
+    """``decode_frames`` plus, with ``keep_max_side``, each CPU-decoded frame as BGR uint8 with
+    its longest side at most ``keep_max_side`` (None for nvJPEG-decoded and failed frames)."""
+    kept: list[np.ndarray | None] = [None] * len(frames)
     out: list[Decoded | None] = [None] * len(frames)
     for i, frame in enumerate(frames):
         try:
@@ -55,8 +75,8 @@ def decode_frames(
             out[i] = image if isinstance(image, WireError) else _resize(image, target_size)
     for i, frame in enumerate(frames):
         if out[i] is None:
-            out[i] = _decode_cpu(frame, device, target_size, max_pixels)
-    return [d for d in out if d is not None]
+            out[i], kept[i] = _decode_cpu(frame, device, target_size, max_pixels, keep_max_side)
+    return [d for d in out if d is not None], kept
 
 
 def _resize(image: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
@@ -85,18 +105,20 @@ def _decode_cpu(
     device: torch.device,
     target_size: tuple[int, int] | None = None,
     max_pixels: int = MAX_FRAME_PIXELS,
-) -> Decoded:
+    keep_max_side: int | None = None,
+) -> tuple[Decoded, np.ndarray | None]:
     try:
         bgr = decode_image(frame, max_pixels=max_pixels)
     except WireError as exc:
-        return exc
+        return exc, None
+    kept = fit_longest_side(bgr, keep_max_side) if keep_max_side else None
     # HxWxC viewed as [C, H, W] (channels-last memory, the layout torch's uint8 resize wants);
     # BGR -> RGB after the resize, on the small image
     tensor = _resize(torch.from_numpy(bgr).permute(2, 0, 1), target_size)
     tensor = tensor.flip(0).contiguous()
     if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+        return tensor.pin_memory().to(device, non_blocking=True), kept
+    return tensor.to(device), kept
 
 
 def _decode_jpegs_cuda(
@@ -131,8 +153,8 @@ def _decode_jpeg_cuda_single(
 
     try:
         image = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        return _decode_cpu(frame, device, target_size, max_pixels)  # OpenCV is more tolerant
+    except RuntimeError:  # OpenCV is more tolerant
+        return _decode_cpu(frame, device, target_size, max_pixels)[0]
     return _check_size(frame, image)
 
 

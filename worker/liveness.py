@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import redis
 
-from pipeline.redis_conn import is_permission_error
+from pipeline.core.redis_conn import is_permission_error
+from pipeline.core.wire import as_text
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,9 @@ def dead_consumers(
             raise
         return []  # no stream or group yet
     holders = [
-        _text(c["name"])
+        as_text(c["name"])
         for c in consumers
-        if int(c.get("pending", 0)) > 0 and _text(c["name"]) != me
+        if int(c.get("pending", 0)) > 0 and as_text(c["name"]) != me
     ]
     if not holders:
         return []
@@ -88,7 +89,3 @@ def dead_consumers(
     for name in holders:
         pipe.exists(alive_key(name))
     return [name for name, alive in zip(holders, pipe.execute(), strict=True) if not alive]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

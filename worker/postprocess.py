@@ -1,9 +1,10 @@
 """Anomaly map -> pixel mask -> connected regions, plus the PNGs that travel in result entries.
 
-Regions are what operators and PLC adapters act on ("defect at x, y, this big, this sure"), the
-mask and the heatmap are what the publisher draws overlays from. Work happens at model resolution
-by default (cheap, the map's native detail); at frame resolution the map is resized first, so
-boxes are in source-frame pixels.
+Regions are what operators and PLC adapters act on ("defect at x, y, this big, this sure"); the
+mask and the heat map (levels with the threshold at 128, ``pipeline.core.heatmap``) travel with
+anomalous results, and the levels also draw the overlay. Work happens at model resolution by
+default (cheap, the map's native detail); at frame resolution the map is resized first, so boxes
+are in source-frame pixels.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.wire import Region
-
-HEATMAP_THRESHOLD_LEVEL = 128  # heatmap PNG value that equals the threshold (255 = 2x threshold)
+from pipeline.core.heatmap import encode_levels
+from pipeline.core.wire import Region
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class PostProcessed:
     map_w: int
     mask_png: bytes | None
     heatmap_png: bytes | None
+    levels: np.ndarray | None = None  # the heat map's uint8 levels (what heatmap_png encodes)
 
 
 def postprocess(
@@ -54,11 +55,12 @@ def postprocess(
     amap = np.nan_to_num(amap, nan=0.0, posinf=np.finfo(np.float32).max, neginf=0.0)
     mask = (amap >= threshold).astype(np.uint8)
     regions = find_regions(amap, mask, max_regions) if find else []
-    mask_png = heatmap_png = None
+    mask_png = heatmap_png = levels = None
     if with_images:
         mask_png = encode_png(mask * 255)
-        heatmap_png = encode_png(heatmap_levels(amap, threshold))
-    return PostProcessed(regions, amap.shape[0], amap.shape[1], mask_png, heatmap_png)
+        levels = encode_levels(amap, threshold)
+        heatmap_png = encode_png(levels)
+    return PostProcessed(regions, amap.shape[0], amap.shape[1], mask_png, heatmap_png, levels)
 
 
 def find_regions(amap: np.ndarray, mask: np.ndarray, max_regions: int = 64) -> list[Region]:
@@ -86,12 +88,6 @@ def find_regions(amap: np.ndarray, mask: np.ndarray, max_regions: int = 64) -> l
     ]
     regions.sort(key=lambda r: r.peak, reverse=True)
     return regions[:max_regions]
-
-
-def heatmap_levels(amap: np.ndarray, threshold: float) -> np.ndarray:
-    """uint8 levels of the map with the threshold at 128, so overlays look alike across models."""
-    scale = HEATMAP_THRESHOLD_LEVEL / threshold if threshold > 0 else 255.0 / max(amap.max(), 1e-6)
-    return np.clip(amap * scale, 0, 255).astype(np.uint8)
 
 
 def encode_png(img: np.ndarray) -> bytes:

@@ -25,114 +25,59 @@ Delivery rules (Redis Streams is at-least-once; see research/streaming.md sectio
 
 Throughput: the main thread reads, decodes and runs the model; a second thread turns the maps
 into regions/PNGs and writes results, so that CPU and Redis work overlaps the next model call
-(at most two batches queue up behind the GPU).
+(at most two batches queue up behind the GPU). What becomes of each frame (triage, the result
+with its overlay, the atomic write with the ack) is ``worker.results``.
+
+Why this module is long: the delivery rules above (own pending entries first, dead and hung
+consumers' frames, poison counts, retries of model failures, and the loop that orders them) act
+on one consumer's state and only make sense together.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import redis
 import torch
 
-from pipeline import observability as obs
-from pipeline.lifecycle import GracefulStop
-from pipeline.redis_conn import (
-    RedisPermissionError,
+from pipeline.core import metrics
+from pipeline.core.health import HEARTBEAT
+from pipeline.core.lifecycle import GracefulStop
+from pipeline.core.redis_conn import (
     ensure_group,
     is_cluster,
-    is_permission_error,
 )
-from pipeline.stage_settings import WorkerSettings
-from pipeline.wire import (
-    FieldMap,
-    FrameMessage,
-    ImageTooLargeError,
-    ResultMessage,
+from pipeline.core.stage_settings import WorkerSettings
+from pipeline.core.status import StatusEvent, emit_status_quietly
+from pipeline.core.wire import (
     StreamKeys,
     WireError,
-    check_frame,
-    deadletter_fields,
+    as_text,
 )
-from worker.batching import BatchCollector
-from worker.decode import decode_frames
+from worker.batching import Background, BatchCollector
+from worker.decode import decode_frames_keeping
 from worker.liveness import Heartbeat, dead_consumers
-from worker.postprocess import postprocess
+from worker.results import (
+    FrameEntry,
+    Outcome,
+    ResultWriter,
+    WorkerStats,
+    build_result,
+    triage,
+)
 
 if TYPE_CHECKING:
     from models.inference import BatchPrediction, InferenceEngine
 
 log = logging.getLogger(__name__)
 
-# KEYS: frames, results, deadletter of one camera (one hash tag: one Cluster slot).
-# ARGV: group, results MAXLEN, deadletter MAXLEN, then per frame: entry id, "r" (result) or "d"
-# (dead letter), field count, fields... Per frame it returns the new entry id, 0 when the frame is
-# no longer pending (a peer finished it), or "!<error>" when the XADD failed (frame left pending).
-# A script runs atomically, so no reader ever sees a second entry for a frame, and a frame is only
-# acked after its entry exists.
 MODEL_RETRY_DELAY_S = 1.0  # pause before re-reading a frame the model failed on
 BROKEN_ENGINE_FAILURES = 3  # different frames failing in a row: the engine, not the frames
-MAX_DEADLETTER_FIELDS = 256  # original fields copied into a dead letter
-
-PUBLISH_SCRIPT = """
-local group = ARGV[1]
-local out = {}
-local i = 4
-while i <= #ARGV do
-  local id, kind, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  if #redis.call('XPENDING', KEYS[1], group, id, id, 1) == 0 then
-    out[#out + 1] = 0
-  else
-    local key, maxlen = KEYS[2], ARGV[2]
-    if kind == 'd' then key, maxlen = KEYS[3], ARGV[3] end
-    local cmd = {'XADD', key, 'MAXLEN', '~', maxlen, '*'}
-    for j = i + 3, i + 2 + n do cmd[#cmd + 1] = ARGV[j] end
-    local added = redis.pcall(unpack(cmd))
-    if type(added) == 'table' and added.err then
-      out[#out + 1] = '!' .. added.err
-    else
-      redis.call('XACK', KEYS[1], group, id)
-      out[#out + 1] = added
-    end
-  end
-  i = i + 3 + n
-end
-return out
-"""
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-@dataclass
-class FrameEntry:
-    """A frame entry read from Redis and owned by this consumer until it is acked."""
-
-    cam: str
-    entry_id: str
-    fields: dict[bytes, bytes]
-    read_ns: int
-    deliveries: int = 1
-    frame: FrameMessage | None = None
-
-
-@dataclass
-class _Outcome:
-    """What one frame entry turns into: a result or a dead letter (plus the ack either way)."""
-
-    entry: FrameEntry
-    result: ResultMessage | None = None
-    reason: str | None = None
-    detail: str = ""
 
 
 @dataclass
@@ -143,64 +88,6 @@ class _Scored:
     pred: BatchPrediction
     decode_s: float
     infer_s: float
-
-
-class _Background:
-    """One thread that runs submitted jobs in order; a bounded queue keeps it at most
-    ``depth`` batches behind, and its first error is raised in the submitting thread."""
-
-    def __init__(self, depth: int = 2) -> None:
-        self.closed = False
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="worker-publish", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self.raise_error()
-        self._queue.put(job)
-
-    def drain(self) -> None:
-        """Wait until every submitted job ran; re-raise the first failure."""
-        self._queue.join()
-        self.raise_error()
-
-    def raise_error(self) -> None:
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._queue.put(None)
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                if job is None:
-                    return
-                if self._error is None:  # after a failure, skip: the frames stay pending
-                    job()
-            except BaseException as exc:
-                self._error = exc
-            finally:
-                self._queue.task_done()
-
-
-@dataclass
-class WorkerStats:
-    """Counters of one ``run`` (tests and the exit log line)."""
-
-    batches: int = 0
-    results: int = 0
-    anomalous: int = 0
-    dead_letters: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    duplicates: int = 0
-    recovered: int = 0
-    claimed: int = 0
 
 
 class FrameWorker(GracefulStop):
@@ -241,12 +128,12 @@ class FrameWorker(GracefulStop):
                 )
         self._claim_cursor = dict.fromkeys(self.cameras, "0-0")
         self._is_cluster = is_cluster(client)
-        self._background = _Background()
-        self._publish_script = client.register_script(PUBLISH_SCRIPT)
+        self._background = Background()
         self._heartbeat = Heartbeat(
             client, keys.worker_alive(self.consumer), settings.heartbeat_ttl_ms
         )
         self.stats = WorkerStats()
+        self._writer = ResultWriter(client, keys, settings, self.consumer, self.stats)
 
     # ------------------------------------------------------------------------------- control
 
@@ -267,10 +154,10 @@ class FrameWorker(GracefulStop):
         last_work = time.monotonic()
         need_recovery = True
         if self._background.closed:
-            self._background = _Background()
+            self._background = Background()
         try:
             while not self.stopping:
-                obs.HEARTBEAT.beat("worker")
+                HEARTBEAT.beat("worker")
                 try:
                     if need_recovery or self._retry_due():
                         self._retry_at = None
@@ -294,7 +181,7 @@ class FrameWorker(GracefulStop):
                     log.warning("consumer group vanished (stream deleted?); recreating it")
                     self.ensure_groups()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    obs.REDIS_ERRORS.labels("worker").inc()
+                    metrics.REDIS_ERRORS.labels("worker").inc()
                     log.warning("redis unavailable, retrying: %s", exc)
                     self._drop_buffered()  # still pending in Redis: recovered after reconnect
                     self._settle_background()
@@ -349,7 +236,7 @@ class FrameWorker(GracefulStop):
         for key, items in reply:
             cam = self._cam_of(key)
             for entry_id, fields in items:
-                entries.append(FrameEntry(cam, _text(entry_id), fields or {}, now))
+                entries.append(FrameEntry(cam, as_text(entry_id), fields or {}, now))
         for entry in entries:
             self._collectors[id(self.engines[entry.cam])].add(entry)
         return len(entries)
@@ -375,7 +262,7 @@ class FrameWorker(GracefulStop):
         return self._retry_at is not None and time.monotonic() >= self._retry_at
 
     def _cam_of(self, key: bytes | str) -> str:
-        key = _text(key)
+        key = as_text(key)
         return key[key.index("{") + 1 : key.rindex("}")]
 
     def recover_own_pending(self) -> int:
@@ -385,7 +272,7 @@ class FrameWorker(GracefulStop):
             key = self.keys.frames(cam)
             cursor = "0"
             while not self.stopping:
-                obs.HEARTBEAT.beat("worker")
+                HEARTBEAT.beat("worker")
                 reply = self.client.xreadgroup(
                     self.settings.group, self.consumer, {key: cursor}, count=1
                 )
@@ -393,10 +280,10 @@ class FrameWorker(GracefulStop):
                 if not items:
                     break
                 entry_id, fields = items[0]
-                cursor = _text(entry_id)
+                cursor = as_text(entry_id)
                 entry = FrameEntry(cam, cursor, fields or {}, time.time_ns())
                 entry.deliveries = self._delivery_count(cam, cursor)
-                obs.REDELIVERIES.labels(cam).inc()
+                metrics.REDELIVERIES.labels(cam).inc()
                 self.stats.recovered += 1
                 self._process_batch(self.engines[cam], [entry])
                 self._background.drain()  # finish it before the next re-read bumps a count
@@ -421,16 +308,16 @@ class FrameWorker(GracefulStop):
                 rows = self.client.xpending_range(
                     key, group, "-", "+", self.settings.batch_size, consumername=dead, idle=min_idle
                 )
-                ids = [_text(r["message_id"]) for r in rows]
+                ids = [as_text(r["message_id"]) for r in rows]
                 if not ids:
                     continue
                 entries = self.client.xclaim(key, group, self.consumer, min_idle, ids)
-                got = {_text(e): f for e, f in entries if e is not None}
+                got = {as_text(e): f for e, f in entries if e is not None}
                 # Redis 6.2 returns trimmed entries without fields; Redis 7 drops them from the
                 # PEL silently (nothing left to score, and the publisher's gap closes at once)
                 vanished = [i for i in ids if i in got and not got[i]]
                 if vanished:
-                    self._record_vanished(cam, vanished)
+                    self._writer.record_vanished(cam, vanished)
                 log.warning(
                     "claiming the frames of a dead worker",
                     extra={"camera": cam, "dead": dead, "count": len(got)},
@@ -440,7 +327,7 @@ class FrameWorker(GracefulStop):
                         continue
                     entry = FrameEntry(cam, entry_id, fields, time.time_ns())
                     entry.deliveries = self._delivery_count(cam, entry_id)
-                    obs.REDELIVERIES.labels(cam).inc()
+                    metrics.REDELIVERIES.labels(cam).inc()
                     self.stats.claimed += 1
                     claimed += 1
                     self._process_batch(self.engines[cam], [entry])
@@ -462,15 +349,15 @@ class FrameWorker(GracefulStop):
                     start_id=self._claim_cursor[cam],
                     count=1,
                 )
-                cursor, items = _text(reply[0]), reply[1]
+                cursor, items = as_text(reply[0]), reply[1]
                 deleted = reply[2] if len(reply) > 2 else []
                 self._claim_cursor[cam] = cursor
                 if deleted:
-                    self._record_vanished(cam, [_text(d) for d in deleted])
+                    self._writer.record_vanished(cam, [as_text(d) for d in deleted])
                 for entry_id, fields in items:
-                    entry = FrameEntry(cam, _text(entry_id), fields or {}, time.time_ns())
+                    entry = FrameEntry(cam, as_text(entry_id), fields or {}, time.time_ns())
                     entry.deliveries = self._delivery_count(cam, entry.entry_id)
-                    obs.REDELIVERIES.labels(cam).inc()
+                    metrics.REDELIVERIES.labels(cam).inc()
                     self.stats.claimed += 1
                     claimed += 1
                     budget -= 1
@@ -489,32 +376,10 @@ class FrameWorker(GracefulStop):
         )
         return int(rows[0]["times_delivered"]) if rows else 1
 
-    def _record_vanished(self, cam: str, entry_ids: list[str]) -> None:
-        """Pending entries trimmed from the stream before anyone scored them: say so."""
-        pipe = self.client.pipeline(transaction=True)
-        for entry_id in entry_ids:
-            pipe.xadd(
-                self.keys.deadletter(cam),
-                deadletter_fields(
-                    None,
-                    reason="trimmed",
-                    detail="pending entry was trimmed from the stream before it was scored",
-                    source_key=self.keys.frames(cam),
-                    source_id=entry_id,
-                    consumer=self.consumer,
-                ),
-                maxlen=self.settings.deadletter_maxlen,
-                approximate=True,
-            )
-        pipe.execute()
-        obs.DEAD_LETTERS.labels(cam, "trimmed").inc(len(entry_ids))
-        obs.FRAMES_DROPPED.labels(cam, "trimmed").inc(len(entry_ids))
-        self.stats.dead_letters["trimmed"] += len(entry_ids)
-
     def _update_pending_gauges(self) -> None:
         for cam in self.cameras:
             summary = self.client.xpending(self.keys.frames(cam), self.settings.group)
-            obs.PENDING_ENTRIES.labels(cam, self.settings.group).set(int(summary["pending"]))
+            metrics.PENDING_ENTRIES.labels(cam, self.settings.group).set(int(summary["pending"]))
 
     def _settle_background(self) -> None:
         """Let queued publish jobs finish; their failures leave frames pending (recovered later)."""
@@ -542,10 +407,10 @@ class FrameWorker(GracefulStop):
         return done
 
     def _process_batch(self, engine: InferenceEngine, entries: list[FrameEntry]) -> None:
-        outcomes: list[_Outcome] = []
+        outcomes: list[Outcome] = []
         usable: list[FrameEntry] = []
         for entry in entries:
-            rejected = self._triage(entry)
+            rejected = triage(entry, self.settings)
             if rejected is None:
                 usable.append(entry)
             else:
@@ -557,67 +422,25 @@ class FrameWorker(GracefulStop):
         # the GPU moves on to the next batch while this one is post-processed and published
         self._background.submit(lambda: self._finish(engine, outcomes, scored))
 
-    def _triage(self, entry: FrameEntry) -> _Outcome | None:
-        """Reject what must not reach the model; parse the rest."""
-        cam = entry.cam
-        if not entry.fields:
-            return _Outcome(entry, reason="trimmed", detail="entry body is gone from the stream")
-        if entry.deliveries > self.settings.max_deliveries:
-            return _Outcome(
-                entry,
-                reason="poison",
-                detail=f"delivered {entry.deliveries} times (limit {self.settings.max_deliveries})",
-            )
-        size = len(entry.fields.get(b"data", b""))
-        if size > self.settings.max_frame_bytes:
-            return _Outcome(
-                entry,
-                reason="oversize",
-                detail=f"data is {size} bytes, max_frame_bytes={self.settings.max_frame_bytes}",
-            )
-        try:
-            frame = FrameMessage.from_fields(entry.fields)
-        except WireError as exc:
-            return _Outcome(entry, reason="malformed", detail=str(exc))
-        if frame.cam != cam:
-            return _Outcome(
-                entry, reason="malformed", detail=f"cam field {frame.cam!r} in stream of {cam!r}"
-            )
-        if self.settings.max_age_s is not None:
-            age_s = (entry.read_ns - frame.ts_ns) / 1e9
-            if age_s > self.settings.max_age_s:
-                return _Outcome(
-                    entry,
-                    reason="too_old",
-                    detail=f"captured {age_s:.3f} s ago, max_age_s={self.settings.max_age_s}",
-                )
-        try:  # header only: no decoder ever allocates for a size nobody checked
-            check_frame(frame, max_pixels=self.settings.max_frame_pixels)
-        except ImageTooLargeError as exc:
-            return _Outcome(entry, reason="oversize", detail=str(exc))
-        except WireError as exc:  # enc names the other format (malformed), or bad bytes/size
-            reason = "malformed" if exc.field == "enc" else "undecodable"
-            return _Outcome(entry, reason=reason, detail=str(exc))
-        entry.frame = frame
-        return None
-
     def _score(
         self, engine: InferenceEngine, entries: list[FrameEntry]
-    ) -> tuple[list[_Outcome], list[_Scored]]:
+    ) -> tuple[list[Outcome], list[_Scored]]:
         """Decode and run the model (GPU side); frames that do not decode become dead letters."""
         model = engine.info.name
         frames = [e.frame for e in entries if e.frame is not None]
         t0 = time.perf_counter()
-        decoded = decode_frames(
-            frames, engine.device, engine.info.image_size, self.settings.max_frame_pixels
+        keep = self.settings.overlay_max_side if self.settings.overlays else None
+        decoded, previews = decode_frames_keeping(
+            frames, engine.device, engine.info.image_size, self.settings.max_frame_pixels, keep
         )
         decode_s = time.perf_counter() - t0
-        obs.DECODE_LATENCY.labels(model).observe(decode_s)
-        rejected: list[_Outcome] = []
+        metrics.DECODE_LATENCY.labels(model).observe(decode_s)
+        rejected: list[Outcome] = []
         by_shape: dict[tuple[int, ...], list[tuple[FrameEntry, torch.Tensor]]] = defaultdict(list)
-        for entry, image in zip(entries, decoded, strict=True):
+        for entry, image, preview in zip(entries, decoded, previews, strict=True):
+            entry.preview = preview  # until its result is built: the overlay is drawn from it
             if isinstance(image, WireError):
-                rejected.append(_Outcome(entry, reason="undecodable", detail=str(image)))
+                rejected.append(Outcome(entry, reason="undecodable", detail=str(image)))
             else:
                 by_shape[tuple(image.shape)].append((entry, image))
         scored = [s for group in by_shape.values() for s in self._infer(engine, group, decode_s)]
@@ -642,9 +465,9 @@ class FrameWorker(GracefulStop):
             return []
         self._failing.clear()
         infer_s = time.perf_counter() - t0
-        obs.BATCHES.labels(model).inc()
-        obs.BATCH_SIZE.labels(model).observe(len(group))
-        obs.INFER_LATENCY.labels(model).observe(infer_s)
+        metrics.BATCHES.labels(model).inc()
+        metrics.BATCH_SIZE.labels(model).observe(len(group))
+        metrics.INFER_LATENCY.labels(model).observe(infer_s)
         self.stats.batches += 1
         return [_Scored([entry for entry, _ in group], pred, decode_s, infer_s)]
 
@@ -669,201 +492,27 @@ class FrameWorker(GracefulStop):
         self._retry_at = time.monotonic() + MODEL_RETRY_DELAY_S
 
     def _finish(
-        self, engine: InferenceEngine, rejected: list[_Outcome], scored: list[_Scored]
+        self, engine: InferenceEngine, rejected: list[Outcome], scored: list[_Scored]
     ) -> None:
         """CPU side, off the GPU thread: maps -> regions/PNGs -> results, then publish + ack."""
         outcomes = list(rejected)
         for batch in scored:
-            outcomes.extend(self._results(engine, batch))
-        self._publish(outcomes)
-
-    def _results(self, engine: InferenceEngine, scored: _Scored) -> list[_Outcome]:
-        info, pred = engine.info, scored.pred
-        outcomes = []
-        for i, entry in enumerate(scored.entries):
-            frame = entry.frame
-            assert frame is not None
-            anomalous = bool(pred.anomalous[i])
-            post = postprocess(
-                pred.maps[i],
-                info.threshold,
-                frame_size=(frame.h, frame.w) if self.settings.map_resolution == "frame" else None,
-                with_images=anomalous or self.settings.mask_for_normal,
-                find=anomalous or self.settings.mask_for_normal,
-            )
-            result = ResultMessage(
-                cam=entry.cam,
-                frame_id=entry.entry_id,
-                seq=frame.seq,
-                ts_ns=frame.ts_ns,
-                score=float(pred.scores[i]),
-                score_norm=float(np.clip(pred.normalized[i], 0.0, 1.0)),
-                anomalous=anomalous,
-                threshold=float(info.threshold),
-                model=info.name,
-                model_version=info.version,
-                model_sha256=info.sha256,
-                t_queue_ms=max(0.0, (entry.read_ns - frame.ts_ns) / 1e6),
-                t_decode_ms=scored.decode_s * 1000.0,
-                t_infer_ms=scored.infer_s * 1000.0,
-                frame_w=frame.w,
-                frame_h=frame.h,
-                map_w=post.map_w,
-                map_h=post.map_h,
-                regions=post.regions,
-                mask=post.mask_png,
-                heatmap=post.heatmap_png,
-                batch=len(scored.entries),
-                worker=self.consumer,
-            )
-            outcomes.append(_Outcome(entry, result=result))
-        return outcomes
-
-    # ---------------------------------------------------------------------------- publishing
-
-    def _publish(self, outcomes: Iterable[_Outcome]) -> None:
-        by_cam: dict[str, list[_Outcome]] = defaultdict(list)
-        for outcome in outcomes:
-            by_cam[outcome.entry.cam].append(outcome)
-        for cam, items in by_cam.items():
-            items.sort(key=lambda o: o.result.seq if o.result else -1)
-            self._publish_camera(cam, items)
-
-    def _publish_camera(self, cam: str, outcomes: list[_Outcome]) -> None:
-        """Write each frame's result (or dead letter) and XACK it in one atomic script call.
-
-        The script adds an entry only for a frame still pending in the group, and acks a frame
-        only after its entry was added: a frame a peer already finished gets no second entry
-        (not even briefly), and no frame is acked without a record of what became of it.
-        """
-        done_ns = time.time_ns()
-        for outcome in outcomes:
-            if outcome.result is not None:
-                outcome.result = outcome.result.model_copy(
-                    update={
-                        "done_ns": done_ns,
-                        "t_total_ms": max(0.0, (done_ns - outcome.result.ts_ns) / 1e6),
-                    }
+            for i, entry in enumerate(batch.entries):
+                result = build_result(
+                    entry,
+                    engine.info,
+                    batch.pred,
+                    i,
+                    self.settings,
+                    self.consumer,
+                    batch=len(batch.entries),
+                    decode_s=batch.decode_s,
+                    infer_s=batch.infer_s,
                 )
-        replies = self._publish_atomically(cam, [(o, self._entry_fields(o)) for o in outcomes])
-        failed: list[tuple[_Outcome, str]] = []
-        duplicates = 0
-        for outcome, reply in zip(outcomes, replies, strict=True):
-            if reply is None:
-                duplicates += 1
-            elif reply.startswith("!"):
-                failed.append((outcome, reply[1:]))
-            else:
-                self._count(outcome)
-        if duplicates:
-            self.stats.duplicates += duplicates
-            log.warning(
-                "frames were already acked by another consumer; our copies were not written",
-                extra={"camera": cam, "count": duplicates},
-            )
-        if failed:
-            self._rescue(cam, failed)
-
-    def _entry_fields(self, outcome: _Outcome) -> FieldMap:
-        if outcome.result is not None:
-            return outcome.result.to_fields()
-        return self._deadletter_fields(outcome)
-
-    def _publish_atomically(
-        self, cam: str, items: list[tuple[_Outcome, FieldMap]]
-    ) -> list[str | None]:
-        """One script call: per item the new entry id, None (acked elsewhere) or "!error"."""
-        args: list[Any] = [
-            self.settings.group,
-            self.settings.results_maxlen,
-            self.settings.deadletter_maxlen,
-        ]
-        for outcome, fields in items:
-            args += [outcome.entry.entry_id, "r" if outcome.result else "d", 2 * len(fields)]
-            for name, value in fields.items():
-                args += [name, value]
-        keys = [self.keys.frames(cam), self.keys.results(cam), self.keys.deadletter(cam)]
-        replies = self._publish_script(keys=keys, args=args)
-        if any(isinstance(r, bytes | str) and is_permission_error(r) for r in replies):
-            raise RedisPermissionError(f"the result script was denied by the ACL: {replies}")
-        return [None if reply == 0 else _text(reply) for reply in replies]
-
-    def _rescue(self, cam: str, failed: list[tuple[_Outcome, str]]) -> None:
-        """A result could not be written (its frame is still pending): dead-letter the frame."""
-        rescues = []
-        for outcome, error in failed:
-            log.error(
-                "result could not be written; dead-lettering the frame",
-                extra={"camera": cam, "entry": outcome.entry.entry_id, "error": error},
-            )
-            dead = _Outcome(outcome.entry, reason="publish_failed", detail=error)
-            rescues.append((dead, self._deadletter_fields(dead)))
-        for (dead, _), reply in zip(rescues, self._publish_atomically(cam, rescues), strict=True):
-            if reply is not None and reply.startswith("!"):
-                # neither a result nor a dead letter can be written: the frame stays pending and
-                # is retried once claim_min_idle_ms passes (its delivery count keeps growing)
-                obs.REDIS_ERRORS.labels("worker").inc()
-                log.error(
-                    "frame kept pending: its dead letter could not be written either",
-                    extra={"camera": cam, "entry": dead.entry.entry_id, "error": reply[1:]},
-                )
-            elif reply is not None:
-                self._count(dead)
-
-    def _deadletter_fields(self, outcome: _Outcome) -> dict:
-        entry = outcome.entry
-        original = entry.fields
-        if len(original) > MAX_DEADLETTER_FIELDS:  # junk entry; Lua cannot unpack thousands
-            original = dict(list(original.items())[:MAX_DEADLETTER_FIELDS])
-        return deadletter_fields(  # payloads above DEADLETTER_MAX_VALUE_BYTES are left out
-            original,
-            reason=outcome.reason or "malformed",
-            detail=outcome.detail,
-            source_key=self.keys.frames(entry.cam),
-            source_id=entry.entry_id,
-            consumer=self.consumer,
-            deliveries=entry.deliveries,
-            # too_old: the frame stays in frames:{cam}; a second copy of a backlog would double RAM
-            drop=("data",) if outcome.reason == "too_old" else (),
-        )
-
-    def _count(self, outcome: _Outcome) -> None:
-        cam = outcome.entry.cam
-        result = outcome.result
-        if result is None:
-            reason = outcome.reason or "malformed"
-            self.stats.dead_letters[reason] += 1
-            obs.DEAD_LETTERS.labels(cam, reason).inc()
-            if reason in ("too_old", "trimmed"):
-                obs.FRAMES_DROPPED.labels(cam, reason).inc()
-            log.warning(
-                "frame dead-lettered",
-                extra={"camera": cam, "entry": outcome.entry.entry_id, "reason": reason},
-            )
-            return
-        self.stats.results += 1
-        obs.FRAMES_SCORED.labels(cam, result.model).inc()
-        obs.QUEUE_WAIT.labels(cam).observe(result.t_queue_ms / 1000.0)
-        obs.END_TO_END_LATENCY.labels(cam, "worker").observe(result.t_total_ms / 1000.0)
-        if result.anomalous:
-            self.stats.anomalous += 1
-            obs.FRAMES_ANOMALOUS.labels(cam, result.model).inc()
+                outcomes.append(Outcome(entry, result=result))
+        self._writer.publish(outcomes)
 
     def _emit_status(self, event: str) -> None:
-        try:
-            obs.emit_status(
-                self.client,
-                self.keys,
-                obs.StatusEvent(
-                    event=event,
-                    source="worker",
-                    reason=self.consumer,
-                    detail={
-                        "consumer": self.consumer,
-                        "cameras": self.cameras,
-                        "results": self.stats.results,
-                    },
-                ),
-            )
-        except redis.RedisError as exc:
-            log.warning("could not write %s status event: %s", event, exc)
+        detail = {"consumer": self.consumer, "cameras": self.cameras, "results": self.stats.results}
+        status = StatusEvent(event=event, source="worker", reason=self.consumer, detail=detail)
+        emit_status_quietly(self.client, self.keys, status, log)

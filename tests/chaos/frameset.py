@@ -1,10 +1,11 @@
 """Frames for the chaos suite: a scored image pool, replay folders with alarm runs, and bombs.
 
-The pool is rendered once per session (``models.synth.render_part``: normal parts and parts with
-defects, 128x128) and scored in-process with the same ``InferenceEngine`` the workers load. A copy
-of the model directory gets a threshold in the widest score gap, so the pool splits into "high"
-(anomalous) and "low" (normal) images with a clear margin; replay folders then order pool images
-so that high scores come in runs of 3-8 frames between normal runs, and alarms really happen.
+The pool is rendered once per session (``pipeline.tools.scene.render_part``: normal parts and
+parts with defects, 128x128) and scored in-process with the same ``InferenceEngine`` the workers
+load. A copy of the model directory gets a threshold in the widest score gap, so the pool splits
+into "high" (anomalous) and "low" (normal) images with a clear margin; replay folders then order
+pool images so that high scores come in runs of 3-8 frames between normal runs, and alarms
+really happen.
 
 The frames are captured as PNG, so the worker scores exactly the pixels that were pre-scored here.
 """
@@ -82,7 +83,7 @@ class FrameSet:
 
 
 def _render_pool(out: Path) -> list[Path]:
-    from models.synth import DEFECT_TYPES, render_part
+    from pipeline.tools.scene import DEFECT_TYPES, render_part
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -30,10 +30,11 @@ from typing import Any
 import redis
 import yaml
 
-from pipeline.config import LineConfig, load_config
-from pipeline.redis_conn import EmbeddedRedis, embedded_redis_executable
-from pipeline.stage_settings import stable_consumer_name
-from pipeline.wire import SCHEMA_VERSION, StreamKeys
+from pipeline.core.config import LineConfig
+from pipeline.core.config_loader import deep_merge, load_config
+from pipeline.core.embedded_redis import EmbeddedRedis, embedded_redis_executable
+from pipeline.core.stage_settings import stable_consumer_name
+from pipeline.core.wire import SCHEMA_VERSION, StreamKeys
 
 REPO = Path(__file__).resolve().parents[2]
 KEY_PREFIX = "chaos:"
@@ -52,16 +53,6 @@ def redis_server_binary() -> str:
         or shutil.which("redis-server")
         or str(embedded_redis_executable())
     )
-
-
-def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _child_setup(memory_gb: float | None) -> Callable[[], None]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.alarms import AlarmStateMachine
-from pipeline.stage_settings import AlarmSettings
-from pipeline.wire import ResultMessage
+from pipeline.core.stage_settings import AlarmSettings
+from pipeline.core.wire import ResultMessage
+from pipeline.stages.alarms import AlarmStateMachine
 from tests.chaos.verify import _collapse, _first_difference
 
 pytestmark = pytest.mark.chaos

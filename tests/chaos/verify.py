@@ -11,7 +11,7 @@ Per camera, from the streams (never from process logs):
     finished replay; crashes and restarts are counted;
 (e) the alarm events in ``alarms:{cam}`` equal an in-order replay of all results (sorted by frame
     entry id, duplicates by seq removed, results the publisher dead-lettered left out) through
-    ``pipeline.alarms.AlarmStateMachine``, and no alarm id is started twice;
+    ``pipeline.stages.alarms.AlarmStateMachine``, and no alarm id is started twice;
 (f) capture's own frames (not those the test XADDed) have strictly increasing ``seq``.
 """
 
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from pipeline.alarms import AlarmStateMachine
-from pipeline.wire import AlarmEvent, ResultMessage, WireError
+from pipeline.core.wire import AlarmEvent, ResultMessage, WireError
+from pipeline.stages.alarms import AlarmStateMachine
 
 if TYPE_CHECKING:
     from tests.chaos.harness import ChaosLine
