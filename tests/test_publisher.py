@@ -383,6 +383,31 @@ def test_a_slow_frame_is_waited_for_and_alarms_equal_the_replay(client, keys):
     pub.close()
 
 
+def test_results_of_a_lost_read_reply_are_re_read_before_newer_ones(client, keys):
+    """A read the client retried while Redis was frozen delivered results nobody saw; the frames
+    behind them are acked, so only the publisher's own pending list still knows them."""
+    line = FakeLine(client, keys)
+    line.capture(8)
+    cfg = settings(max_gap_wait_ms=60_000)
+    pub = AlarmPublisher(client, keys, cfg, [CAM], worker_group=WORKERS, name="pubA")
+    pattern = [0, 1, 1, 1, 0, 0, 0, 1]
+    line.publish(0, False)
+    pump(pub, lambda: pub.stats.results == 1)
+    for seq in (1, 2, 3):
+        line.publish(seq, bool(pattern[seq]))
+    # the lost reply: delivered to pubA, never seen by it
+    client.xreadgroup("publisher", "pubA", {keys.results(CAM): ">"})
+    for seq in range(4, 8):
+        line.publish(seq, bool(pattern[seq]))
+    pump(pub, lambda: pub.stats.results == 8)
+    assert pub.stats.late == 0 and pub.stats.gaps_given_up == 0
+    assert emitted(client, keys) == replay(
+        [line.result(s, bool(pattern[s])) for s in range(8)], cfg
+    )
+    assert client.xpending(keys.results(CAM), "publisher")["pending"] == 0
+    pub.close()
+
+
 def test_a_result_after_a_given_up_gap_is_reported_not_dropped(client, keys):
     line = FakeLine(client, keys)
     line.capture(5)

@@ -375,6 +375,25 @@ def test_frames_of_a_dead_consumer_are_claimed(client, keys, engine):
     assert pending(client, keys, cam) == 0
 
 
+def test_frames_of_a_lost_read_reply_are_found_and_finished(client, keys, engine):
+    """Redis froze, the client retried a read, the server ran both: the first read's frames are
+    pending to this worker but were never seen. They must not wait for a 30 s claim."""
+    cam = "cam1"
+    cfg = settings(claim_min_idle_ms=60_000, claim_interval_s=0.2)
+    worker = FrameWorker(client, keys, cfg, {cam: engine}, consumer="w1")
+    worker.ensure_groups()
+    ids = [add_frame(client, keys, cam, i) for i in range(3)]
+    # the read whose reply was lost: delivered to w1, never seen by this worker...
+    client.xreadgroup("workers", "w1", {keys.frames(cam): ">"}, count=2)
+    # ...and not the start-up recovery either, so only the periodic check can find them
+    worker.recover_own_pending = lambda: 0  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    worker.run(max_results=3, idle_exit_s=10)
+    assert time.monotonic() - t0 < 8.0
+    assert sorted(r.frame_id for r in results(client, keys, cam)) == ids
+    assert pending(client, keys, cam) == 0 and worker.stats.recovered == 2
+
+
 def test_a_dead_workers_frames_come_back_at_once_a_live_ones_stay(client, keys, engine):
     """Issue #8.1: no 30 s wait for a killed worker; a live but slow one keeps its frames."""
     cam = "cam1"

@@ -63,6 +63,10 @@ class BatchCollector(Generic[T]):
         left = self.time_left()
         return left is not None and left <= 0.0
 
+    def items(self) -> list[T]:
+        """What the collector holds, oldest first (without taking it)."""
+        return [item for _, item in self._items]
+
     def take(self) -> list[T]:
         """The next batch: up to ``max_size`` items, oldest first (may be empty)."""
         count = min(self.max_size, len(self._items))

@@ -9,6 +9,9 @@ Delivery rules (Redis Streams is at-least-once; see research/streaming.md sectio
   ``heartbeat_ttl_ms`` + ``claim_interval_s``), and XAUTOCLAIMs entries any consumer left idle
   for longer than ``claim_min_idle_ms`` (a hung worker that still beats), its own lost ones
   included.
+- A read whose reply was lost (Redis frozen past the socket timeout while the client retried)
+  still delivered its frames to us: every claim interval the worker compares its pending count
+  with the frames it holds and finishes the ones it never saw.
 - A re-read or claimed entry runs alone (batch of 1), so a frame that kills the process only
   raises its own delivery count; once that count exceeds ``max_deliveries`` it is dead-lettered.
   A frame the model raises on is retried alone, stays pending meanwhile and is re-read after a
@@ -169,6 +172,7 @@ class FrameWorker(GracefulStop):
                     if time.monotonic() >= next_claim:
                         self.claim_from_dead()
                         self.claim_abandoned()
+                        self.recover_lost_deliveries()
                         self._update_pending_gauges()
                         next_claim = time.monotonic() + self.settings.claim_interval_s
                     if self._read_once() or any(len(c) for c in self._collectors.values()):
@@ -369,6 +373,54 @@ class FrameWorker(GracefulStop):
         if claimed:
             log.info("claimed abandoned frame entries", extra={"count": claimed})
         return claimed
+
+    def recover_lost_deliveries(self) -> int:
+        """Finish frames pending to this consumer that it does not hold.
+
+        A read whose reply never arrived still delivered its entries: when Redis froze past the
+        socket timeout, the client's retry reads the next entries while the server also ran the
+        first read. Those frames sit in our pending list, unseen, until something claims them;
+        the publisher meanwhile waits for them. Comparing our pending count with what we hold
+        finds them within one claim interval.
+        """
+        self._background.drain()  # nothing in flight: what we hold is in the collectors
+        held: dict[str, set[str]] = defaultdict(set)
+        for collector in self._collectors.values():
+            for entry in collector.items():
+                held[entry.cam].add(entry.entry_id)
+        recovered = 0
+        for cam in self.cameras:
+            key, group = self.keys.frames(cam), self.settings.group
+            summary = self.client.xpending(key, group)
+            mine = sum(
+                int(c["pending"])
+                for c in summary.get("consumers") or []
+                if as_text(c["name"]) == self.consumer
+            )
+            if mine <= len(held[cam]):
+                continue
+            rows = self.client.xpending_range(
+                key, group, "-", "+", mine, consumername=self.consumer
+            )
+            lost = [i for i in (as_text(r["message_id"]) for r in rows) if i not in held[cam]]
+            if not lost:
+                continue
+            log.warning(
+                "frames delivered to this worker were never seen (a lost read reply); "
+                "finishing them now",
+                extra={"camera": cam, "count": len(lost)},
+            )
+            for entry_id, fields in self.client.xclaim(key, group, self.consumer, 0, lost):
+                if entry_id is None:
+                    continue
+                entry = FrameEntry(cam, as_text(entry_id), fields or {}, time.time_ns())
+                entry.deliveries = self._delivery_count(cam, entry.entry_id)
+                metrics.REDELIVERIES.labels(cam).inc()
+                self.stats.recovered += 1
+                recovered += 1
+                self._process_batch(self.engines[cam], [entry])
+                self._background.drain()
+        return recovered
 
     def _delivery_count(self, cam: str, entry_id: str) -> int:
         rows = self.client.xpending_range(

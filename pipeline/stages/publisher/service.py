@@ -174,6 +174,7 @@ class AlarmPublisher(GracefulStop):
             return 0
         for state in self.owned.values():  # before the read: see _release_in_order
             self._check_outstanding(state)
+            self._recover_lost_reads(state)
         handled = self._read_results(self._block_ms())
         for cam in list(self.owned):
             state = self.owned[cam]
@@ -260,10 +261,37 @@ class AlarmPublisher(GracefulStop):
 
     def _take_over_pending(self, state: CameraState) -> None:
         """Results a previous owner read but never committed: claim them, then re-read ours."""
-        key = self.keys.results(state.cam)
         for _ in range(100):  # bounded: a Redis 6.2 PEL can keep ids whose entries are gone
             if not self._adopt_orphans(state):
                 break
+        self._reread_own(state)
+
+    def _recover_lost_reads(self, state: CameraState) -> None:
+        """Re-read results delivered to us whose read reply never arrived.
+
+        When Redis froze past the socket timeout, the client retries a read while the server
+        also ran the first one: its results are in our pending list, unseen, and the frames
+        behind them are acked, so nothing would wait for them. Everything pending to us between
+        steps is in the buffer (applied results are acked with each commit); more means a lost
+        reply, and the results are re-read before anything newer is applied.
+        """
+        summary = self.client.xpending(self.keys.results(state.cam), self.settings.group)
+        mine = sum(
+            int(c["pending"])
+            for c in summary.get("consumers") or []
+            if as_text(c["name"]) == self.name
+        )
+        if mine > len(state.buffer) + len(state.to_ack):
+            log.warning(
+                "results delivered to this publisher were never seen (a lost read reply); "
+                "re-reading them",
+                extra={"camera": state.cam, "pending": mine, "held": len(state.buffer)},
+            )
+            self._reread_own(state)
+
+    def _reread_own(self, state: CameraState) -> None:
+        """Our own pending results from the start (held ones are recognised by entry id)."""
+        key = self.keys.results(state.cam)
         cursor = "0"
         while True:
             reply = self.client.xreadgroup(
